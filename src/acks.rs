@@ -1,0 +1,192 @@
+//! Per-key in-order acknowledgement: which rows of a batch may be marked delivered.
+//!
+//! A row may be marked only once Kafka acknowledged it AND every earlier undelivered row of the
+//! same aggregate was acknowledged. A batch is the oldest undelivered rows in id order, so every
+//! earlier undelivered row of an aggregate that is visible is in the batch, before it. (A row that
+//! is not yet visible belongs to a transaction that commits later, which comes later in commit
+//! order too.) So the rule is decided within the batch: walk it in id order and, per aggregate,
+//! stop at the first row that is not acknowledged.
+
+use std::collections::HashSet;
+
+use crate::outbox::OutboxRow;
+
+/// What happened to one row of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Kafka acknowledged the record.
+    Acked,
+    /// Publishing failed; the error is recorded on the row and it is read again later.
+    Failed(String),
+    /// Not sent, because an earlier row of the same aggregate failed in this batch: sending it
+    /// would put it ahead of that row.
+    Withheld,
+    /// Sent, but no acknowledgement arrived before the relay stopped waiting (shutdown).
+    Unknown,
+}
+
+/// Ids whose own ack and every earlier same-aggregate ack have arrived. Only
+/// [`Tracker::finish`] builds one, so nothing else can mark rows.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Deliverable(Vec<i64>);
+
+impl Deliverable {
+    pub fn ids(&self) -> &[i64] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The outcome of a batch, decided.
+#[derive(Debug, Default)]
+pub struct Settled {
+    pub deliverable: Deliverable,
+    /// Rows whose attempt failed, with the error: recorded on the row.
+    pub failed: Vec<(i64, String)>,
+    /// Rows held back behind an earlier failure or left unacknowledged.
+    pub n_held: usize,
+}
+
+/// Collects outcomes for one batch, rows in id order.
+pub struct Tracker<'a> {
+    rows: &'a [OutboxRow],
+    outcomes: Vec<Option<Outcome>>,
+    /// Aggregates with a failed row in this batch: their later rows are withheld.
+    blocked: HashSet<(&'a str, &'a str)>,
+}
+
+impl<'a> Tracker<'a> {
+    /// `rows` must be in id order, as `Outbox::fetch_batch` returns them.
+    pub fn new(rows: &'a [OutboxRow]) -> Tracker<'a> {
+        debug_assert!(rows.windows(2).all(|w| w[0].id < w[1].id));
+        Tracker {
+            rows,
+            outcomes: vec![None; rows.len()],
+            blocked: HashSet::new(),
+        }
+    }
+
+    /// Whether row `i` may be sent: no earlier row of its aggregate failed in this batch.
+    pub fn may_send(&self, i: usize) -> bool {
+        !self.blocked.contains(&aggregate(&self.rows[i]))
+    }
+
+    pub fn withhold(&mut self, i: usize) {
+        self.outcomes[i] = Some(Outcome::Withheld);
+    }
+
+    pub fn ack(&mut self, i: usize) {
+        self.outcomes[i] = Some(Outcome::Acked);
+    }
+
+    /// Row `i` failed: record why, and hold back the later rows of its aggregate.
+    pub fn fail(&mut self, i: usize, error: String) {
+        self.blocked.insert(aggregate(&self.rows[i]));
+        self.outcomes[i] = Some(Outcome::Failed(error));
+    }
+
+    pub fn any_failed(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+
+    /// Decides the batch. Rows with no outcome yet count as [`Outcome::Unknown`].
+    pub fn finish(self) -> Settled {
+        let mut stopped: HashSet<(&str, &str)> = HashSet::new();
+        let mut settled = Settled::default();
+        for (row, outcome) in self.rows.iter().zip(self.outcomes) {
+            let key = aggregate(row);
+            let outcome = outcome.unwrap_or(Outcome::Unknown);
+            if outcome == Outcome::Acked && !stopped.contains(&key) {
+                settled.deliverable.0.push(row.id);
+                continue;
+            }
+            stopped.insert(key);
+            match outcome {
+                Outcome::Failed(error) => settled.failed.push((row.id, error)),
+                _ => settled.n_held += 1,
+            }
+        }
+        settled
+    }
+}
+
+/// Order is promised per aggregate, the unit whose writers serialize.
+fn aggregate(row: &OutboxRow) -> (&str, &str) {
+    (&row.aggregate_type, &row.aggregate_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(keys: &[&str]) -> Vec<OutboxRow> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| OutboxRow {
+                id: i as i64 + 1,
+                event_id: uuid::Uuid::nil(),
+                aggregate_type: "order".into(),
+                aggregate_id: (*k).into(),
+                event_type: "e".into(),
+                payload: None,
+                topic: None,
+                headers: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn all_acked_rows_are_deliverable() {
+        let rows = rows(&["a", "b", "a"]);
+        let mut t = Tracker::new(&rows);
+        (0..3).for_each(|i| t.ack(i));
+        let s = t.finish();
+        assert_eq!(s.deliverable.ids(), &[1, 2, 3]);
+        assert!(s.failed.is_empty());
+    }
+
+    #[test]
+    fn a_row_after_a_failed_row_of_its_key_is_not_deliverable_but_other_keys_are() {
+        let rows = rows(&["a", "b", "a", "b"]);
+        let mut t = Tracker::new(&rows);
+        t.fail(0, "boom".into());
+        assert!(!t.may_send(2));
+        assert!(t.may_send(1));
+        t.ack(1);
+        t.ack(2); // acked anyway (sent before the failure was known)
+        t.ack(3);
+        let s = t.finish();
+        assert_eq!(s.deliverable.ids(), &[2, 4]);
+        assert_eq!(s.failed, vec![(1, "boom".to_owned())]);
+        assert_eq!(s.n_held, 1);
+    }
+
+    #[test]
+    fn a_row_after_an_unacknowledged_row_of_its_key_is_not_deliverable() {
+        let rows = rows(&["a", "a", "b"]);
+        let mut t = Tracker::new(&rows);
+        t.ack(1);
+        t.ack(2);
+        let s = t.finish();
+        assert_eq!(s.deliverable.ids(), &[3]);
+        assert_eq!(s.n_held, 2);
+    }
+
+    #[test]
+    fn the_same_id_under_another_aggregate_type_is_another_key() {
+        let mut rows = rows(&["42", "42"]);
+        rows[1].aggregate_type = "customer".into();
+        let mut t = Tracker::new(&rows);
+        t.fail(0, "x".into());
+        assert!(t.may_send(1));
+        t.ack(1);
+        assert_eq!(t.finish().deliverable.ids(), &[2]);
+    }
+}

@@ -1,0 +1,746 @@
+//! Configuration: every `POSTHORN_*` environment variable, parsed and validated once at start.
+//!
+//! `envy` reads the known variables into [`RawEnv`] as plain strings; each one is then validated
+//! here so that a bad value is reported as one line naming the variable, what is wrong and a
+//! valid example. Values that may hold secrets (the database URL, Kafka passwords) are never
+//! echoed back: errors and `Debug` output show their redacted form.
+//!
+//! Any `POSTHORN_KAFKA_<PROPERTY>` other than `POSTHORN_KAFKA_BROKERS` is passed to librdkafka as
+//! `<property>` lowercased with `_` replaced by `.` (the Confluent images' convention).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Prefix of every variable posthorn reads.
+pub const PREFIX: &str = "POSTHORN_";
+/// Prefix of the variables passed through to librdkafka.
+pub const KAFKA_PREFIX: &str = "POSTHORN_KAFKA_";
+
+/// A configuration problem: exits with status 2 and this one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: {problem} (example: {var}={example})")]
+    Invalid {
+        var: String,
+        problem: String,
+        example: &'static str,
+    },
+    #[error("{var}: not set, and it is required (example: {var}={example})")]
+    Missing { var: String, example: &'static str },
+}
+
+impl ConfigError {
+    fn invalid(var: &str, problem: impl Into<String>, example: &'static str) -> Self {
+        ConfigError::Invalid {
+            var: var.to_owned(),
+            problem: problem.into(),
+            example,
+        }
+    }
+}
+
+/// The variables as `envy` finds them; validated by [`Config::from_vars`].
+#[derive(Debug, Default, Deserialize)]
+struct RawEnv {
+    database_url: Option<String>,
+    kafka_brokers: Option<String>,
+    schema: Option<String>,
+    table: Option<String>,
+    topic_template: Option<String>,
+    batch_size: Option<String>,
+    poll_interval_ms: Option<String>,
+    shutdown_timeout_ms: Option<String>,
+    log_format: Option<String>,
+    log: Option<String>,
+}
+
+/// Names of the variables [`RawEnv`] knows, for the unknown-variable warning.
+const KNOWN_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "KAFKA_BROKERS",
+    "SCHEMA",
+    "TABLE",
+    "TOPIC_TEMPLATE",
+    "BATCH_SIZE",
+    "POLL_INTERVAL_MS",
+    "SHUTDOWN_TIMEOUT_MS",
+    "LOG_FORMAT",
+    "LOG",
+];
+
+const EX_DATABASE_URL: &str = "postgres://posthorn:secret@127.0.0.1:5432/app";
+const EX_BROKERS: &str = "kafka-1:9092,kafka-2:9092";
+
+/// Everything posthorn needs to run, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub outbox: OutboxTable,
+    pub topic_template: TopicTemplate,
+    /// Rows read, published and marked per batch.
+    pub batch_size: usize,
+    /// How often the relay looks for rows when no notification arrives.
+    pub poll_interval: Duration,
+    /// How long a stopping relay waits for in-flight acknowledgements.
+    pub shutdown_timeout: Duration,
+    pub log: LogConfig,
+    /// `POSTHORN_*` variables that posthorn does not know (typos, or injected by an orchestrator).
+    pub unknown_vars: Vec<String>,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_vars(std::env::vars())
+    }
+
+    /// Reads the given variables as if they were the environment (tests pass their own).
+    pub fn from_vars<I>(vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(PREFIX))
+            .collect();
+        // Every field is an optional string, so envy cannot fail on a value; typed parsing and
+        // its messages are ours below.
+        let raw: RawEnv = envy::prefixed(PREFIX)
+            .from_iter(vars.iter().cloned())
+            .map_err(|err| ConfigError::invalid("POSTHORN_*", err.to_string(), "see README"))?;
+
+        let database = DatabaseConfig::parse(required(
+            raw.database_url,
+            "POSTHORN_DATABASE_URL",
+            EX_DATABASE_URL,
+        )?)?;
+        let brokers = required(raw.kafka_brokers, "POSTHORN_KAFKA_BROKERS", EX_BROKERS)?;
+        let kafka = KafkaConfig::parse(brokers, &vars)?;
+        let outbox = OutboxTable::parse(raw.schema, raw.table)?;
+        let topic_template = TopicTemplate::parse(
+            raw.topic_template.as_deref().unwrap_or("{aggregate_type}"),
+            "POSTHORN_TOPIC_TEMPLATE",
+        )?;
+        let batch_size = parse_number(
+            raw.batch_size.as_deref(),
+            "POSTHORN_BATCH_SIZE",
+            1000,
+            1..=100_000,
+            "1000",
+        )? as usize;
+        let poll_interval = Duration::from_millis(parse_number(
+            raw.poll_interval_ms.as_deref(),
+            "POSTHORN_POLL_INTERVAL_MS",
+            1000,
+            10..=3_600_000,
+            "1000",
+        )?);
+        let shutdown_timeout = Duration::from_millis(parse_number(
+            raw.shutdown_timeout_ms.as_deref(),
+            "POSTHORN_SHUTDOWN_TIMEOUT_MS",
+            10_000,
+            0..=600_000,
+            "10000",
+        )?);
+        let log = LogConfig::parse(raw.log_format.as_deref(), raw.log)?;
+
+        let unknown_vars = vars
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !k.starts_with(KAFKA_PREFIX))
+            .filter(|k| !KNOWN_VARS.contains(&&k[PREFIX.len()..]))
+            .cloned()
+            .collect();
+
+        Ok(Config {
+            database,
+            kafka,
+            outbox,
+            topic_template,
+            batch_size,
+            poll_interval,
+            shutdown_timeout,
+            log,
+            unknown_vars,
+        })
+    }
+}
+
+fn required(
+    value: Option<String>,
+    var: &str,
+    example: &'static str,
+) -> Result<String, ConfigError> {
+    match value {
+        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        _ => Err(ConfigError::Missing {
+            var: var.to_owned(),
+            example,
+        }),
+    }
+}
+
+fn parse_number(
+    value: Option<&str>,
+    var: &str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+    example: &'static str,
+) -> Result<u64, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let problem = || {
+        format!(
+            "'{value}' is not a whole number from {} to {}",
+            range.start(),
+            range.end()
+        )
+    };
+    let n: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::invalid(var, problem(), example))?;
+    if !range.contains(&n) {
+        return Err(ConfigError::invalid(var, problem(), example));
+    }
+    Ok(n)
+}
+
+/// The Postgres connection. `Debug` and [`DatabaseConfig::redacted`] never show the password.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    url: String,
+    redacted: String,
+}
+
+impl DatabaseConfig {
+    fn parse(url: String) -> Result<DatabaseConfig, ConfigError> {
+        const VAR: &str = "POSTHORN_DATABASE_URL";
+        // The value itself is never echoed: it may contain a password.
+        let parsed = url::Url::parse(&url).map_err(|err| {
+            ConfigError::invalid(VAR, format!("not a valid URL ({err})"), EX_DATABASE_URL)
+        })?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::invalid(
+                VAR,
+                format!(
+                    "scheme '{}' is not postgres:// or postgresql://",
+                    parsed.scheme()
+                ),
+                EX_DATABASE_URL,
+            ));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) && !url.contains("host=") {
+            return Err(ConfigError::invalid(
+                VAR,
+                "the URL names no host",
+                EX_DATABASE_URL,
+            ));
+        }
+        let mut redacted = parsed.clone();
+        if redacted.password().is_some() {
+            // set_password only fails for URLs that cannot have credentials.
+            let _ = redacted.set_password(Some("***"));
+        }
+        let query_has_password = parsed
+            .query_pairs()
+            .any(|(k, _)| k.eq_ignore_ascii_case("password"));
+        if query_has_password {
+            let pairs: Vec<(String, String)> = parsed
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k.eq_ignore_ascii_case("password") {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            redacted.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        Ok(DatabaseConfig {
+            url,
+            redacted: redacted.to_string(),
+        })
+    }
+
+    /// The URL with its password (if any) in it: pass to the driver, never to a log.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with the password replaced by `***`.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("DatabaseConfig")
+            .field(&self.redacted)
+            .finish()
+    }
+}
+
+/// Kafka bootstrap servers and librdkafka properties from `POSTHORN_KAFKA_*`.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    /// librdkafka property → value, from `POSTHORN_KAFKA_<PROPERTY>`; applied after posthorn's
+    /// own defaults, so they override them.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Properties posthorn's promise depends on: a user may not weaken them.
+const PINNED_PROPERTIES: &[(&str, &str, &str)] = &[
+    (
+        "enable.idempotence",
+        "true",
+        "posthorn's ordering and no-duplicate promise needs the idempotent producer",
+    ),
+    (
+        "acks",
+        "all",
+        "a row is marked delivered only once every in-sync replica has it",
+    ),
+];
+
+impl KafkaConfig {
+    fn parse(brokers: String, vars: &[(String, String)]) -> Result<KafkaConfig, ConfigError> {
+        if brokers.split(',').any(|b| b.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "POSTHORN_KAFKA_BROKERS",
+                "an empty broker address in the list",
+                EX_BROKERS,
+            ));
+        }
+        let mut properties = BTreeMap::new();
+        for (var, value) in vars {
+            let Some(name) = var.strip_prefix(KAFKA_PREFIX) else {
+                continue;
+            };
+            if name == "BROKERS" {
+                continue;
+            }
+            let property = kafka_property_name(name);
+            if property == "bootstrap.servers" {
+                return Err(ConfigError::invalid(
+                    var,
+                    "set the brokers with POSTHORN_KAFKA_BROKERS instead",
+                    EX_BROKERS,
+                ));
+            }
+            if let Some((_, required, why)) =
+                PINNED_PROPERTIES.iter().find(|(p, _, _)| *p == property)
+            {
+                let normalized = value.trim().to_ascii_lowercase();
+                let same = normalized == *required || (property == "acks" && normalized == "-1");
+                if !same {
+                    return Err(ConfigError::Invalid {
+                        var: var.clone(),
+                        problem: format!("must be {required}: {why}"),
+                        example: required,
+                    });
+                }
+            }
+            properties.insert(property, value.clone());
+        }
+        Ok(KafkaConfig {
+            brokers,
+            properties,
+        })
+    }
+}
+
+/// `SECURITY_PROTOCOL` → `security.protocol`.
+pub fn kafka_property_name(var_suffix: &str) -> String {
+    var_suffix.to_ascii_lowercase().replace('_', ".")
+}
+
+/// `security.protocol` → `POSTHORN_KAFKA_SECURITY_PROTOCOL`.
+pub fn kafka_property_var(property: &str) -> String {
+    format!(
+        "{KAFKA_PREFIX}{}",
+        property.to_ascii_uppercase().replace('.', "_")
+    )
+}
+
+/// Whether a librdkafka property holds a secret, so its value is never shown.
+pub fn is_secret_property(property: &str) -> bool {
+    property.contains("password") || property.contains("secret") || property.ends_with(".pem")
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("properties", &shown)
+            .finish()
+    }
+}
+
+/// The outbox table's schema and name: simple lowercase SQL identifiers, always quoted in SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxTable {
+    pub schema: String,
+    pub table: String,
+}
+
+impl OutboxTable {
+    fn parse(schema: Option<String>, table: Option<String>) -> Result<OutboxTable, ConfigError> {
+        let schema = schema.unwrap_or_else(|| "public".to_owned());
+        let table = table.unwrap_or_else(|| "outbox".to_owned());
+        check_identifier(&schema, "POSTHORN_SCHEMA", "public")?;
+        check_identifier(&table, "POSTHORN_TABLE", "outbox")?;
+        let outbox = OutboxTable { schema, table };
+        // Postgres channel names are identifiers: 63 bytes at most.
+        if outbox.channel().len() > 63 {
+            return Err(ConfigError::invalid(
+                "POSTHORN_TABLE",
+                format!(
+                    "the notification channel '{}' would be longer than Postgres' 63 bytes; \
+                     use a shorter schema or table name",
+                    outbox.channel()
+                ),
+                "outbox",
+            ));
+        }
+        Ok(outbox)
+    }
+
+    /// `"schema"."table"`, ready to splice into SQL (both are validated identifiers).
+    pub fn qualified(&self) -> String {
+        format!("\"{}\".\"{}\"", self.schema, self.table)
+    }
+
+    /// The LISTEN/NOTIFY channel the outbox trigger notifies: `posthorn.<schema>.<table>`.
+    pub fn channel(&self) -> String {
+        format!("posthorn.{}.{}", self.schema, self.table)
+    }
+}
+
+fn check_identifier(value: &str, var: &str, example: &'static str) -> Result<(), ConfigError> {
+    let mut chars = value.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok || value.len() > 63 {
+        return Err(ConfigError::invalid(
+            var,
+            format!("'{value}' is not a lowercase SQL identifier (a-z, 0-9, _; at most 63 bytes; not starting with a digit)"),
+            example,
+        ));
+    }
+    Ok(())
+}
+
+/// The topic a row goes to when its `topic` column is NULL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    parts: Vec<TemplatePart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePart {
+    Literal(String),
+    AggregateType,
+    EventType,
+}
+
+impl TopicTemplate {
+    pub fn parse(template: &str, var: &str) -> Result<TopicTemplate, ConfigError> {
+        const EXAMPLE: &str = "events.{aggregate_type}";
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TemplatePart::Literal(rest[..open].to_owned()));
+            }
+            let Some(close) = rest[open..].find('}') else {
+                return Err(ConfigError::invalid(var, "an unclosed '{'", EXAMPLE));
+            };
+            let name = &rest[open + 1..open + close];
+            parts.push(match name {
+                "aggregate_type" => TemplatePart::AggregateType,
+                "event_type" => TemplatePart::EventType,
+                other => {
+                    return Err(ConfigError::invalid(
+                        var,
+                        format!(
+                            "unknown placeholder '{{{other}}}'; use {{aggregate_type}} or {{event_type}}"
+                        ),
+                        EXAMPLE,
+                    ))
+                }
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Literal(rest.to_owned()));
+        }
+        if parts.is_empty() {
+            return Err(ConfigError::invalid(var, "empty template", EXAMPLE));
+        }
+        let literal: String = parts
+            .iter()
+            .filter_map(|p| match p {
+                TemplatePart::Literal(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !literal.chars().all(is_topic_char) {
+            return Err(ConfigError::invalid(
+                var,
+                "topic names may only contain a-z, A-Z, 0-9, '.', '_' and '-'",
+                EXAMPLE,
+            ));
+        }
+        Ok(TopicTemplate { parts })
+    }
+
+    /// The topic for a row with these aggregate and event types.
+    pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
+        let mut topic = String::with_capacity(32);
+        for part in &self.parts {
+            match part {
+                TemplatePart::Literal(s) => topic.push_str(s),
+                TemplatePart::AggregateType => topic.push_str(aggregate_type),
+                TemplatePart::EventType => topic.push_str(event_type),
+            }
+        }
+        topic
+    }
+}
+
+fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Why a topic name is not one Kafka accepts, if it is not.
+pub fn topic_name_problem(topic: &str) -> Option<String> {
+    if topic.is_empty() {
+        return Some("the topic name is empty".to_owned());
+    }
+    if topic.len() > 249 {
+        return Some(format!(
+            "the topic name is {} characters long; Kafka allows 249",
+            topic.len()
+        ));
+    }
+    if topic == "." || topic == ".." {
+        return Some(format!("'{topic}' is not a valid topic name"));
+    }
+    if !topic.chars().all(is_topic_char) {
+        return Some(format!(
+            "topic '{topic}' has characters Kafka does not allow (only a-z, A-Z, 0-9, '.', '_', '-')"
+        ));
+    }
+    None
+}
+
+/// Log output settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `posthorn=debug,rdkafka=warn`.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogConfig {
+    fn parse(format: Option<&str>, filter: Option<String>) -> Result<LogConfig, ConfigError> {
+        let format = match format.map(str::trim) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "POSTHORN_LOG_FORMAT",
+                    format!("'{other}' is neither 'text' nor 'json'"),
+                    "json",
+                ))
+            }
+        };
+        let filter = filter.unwrap_or_else(|| "info".to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&filter).is_err() {
+            return Err(ConfigError::invalid(
+                "POSTHORN_LOG",
+                format!("'{filter}' is not a log filter"),
+                "info,posthorn=debug",
+            ));
+        }
+        Ok(LogConfig { format, filter })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = vec![
+            (
+                "POSTHORN_DATABASE_URL".into(),
+                "postgres://u:hunter2@db:5432/app".into(),
+            ),
+            ("POSTHORN_KAFKA_BROKERS".into(), "k:9092".into()),
+        ];
+        for (k, val) in pairs {
+            v.retain(|(existing, _)| existing != k);
+            v.push(((*k).to_owned(), (*val).to_owned()));
+        }
+        v
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_required_variables_are_set() {
+        let c = Config::from_vars(vars(&[])).expect("valid");
+        assert_eq!(c.outbox.qualified(), "\"public\".\"outbox\"");
+        assert_eq!(c.outbox.channel(), "posthorn.public.outbox");
+        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.poll_interval, Duration::from_secs(1));
+        assert_eq!(c.topic_template.render("order", "Shipped"), "order");
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert!(c.unknown_vars.is_empty());
+    }
+
+    #[test]
+    fn a_missing_required_variable_is_named_with_an_example() {
+        let err = Config::from_vars(vec![("POSTHORN_KAFKA_BROKERS".into(), "k:9092".into())])
+            .expect_err("missing database url");
+        let msg = err.to_string();
+        assert!(msg.starts_with("POSTHORN_DATABASE_URL: not set"), "{msg}");
+        assert!(msg.contains("example: POSTHORN_DATABASE_URL=postgres://"), "{msg}");
+    }
+
+    #[test]
+    fn a_malformed_number_is_named_with_its_range_and_an_example() {
+        let msg = Config::from_vars(vars(&[("POSTHORN_BATCH_SIZE", "lots")]))
+            .expect_err("bad")
+            .to_string();
+        assert_eq!(
+            msg,
+            "POSTHORN_BATCH_SIZE: 'lots' is not a whole number from 1 to 100000 (example: POSTHORN_BATCH_SIZE=1000)"
+        );
+        assert!(Config::from_vars(vars(&[("POSTHORN_BATCH_SIZE", "0")])).is_err());
+    }
+
+    #[test]
+    fn database_url_errors_and_debug_output_never_show_the_password() {
+        let err = Config::from_vars(vars(&[(
+            "POSTHORN_DATABASE_URL",
+            "mysql://u:hunter2@db/app",
+        )]))
+        .expect_err("wrong scheme")
+        .to_string();
+        assert!(err.contains("POSTHORN_DATABASE_URL"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+
+        let err = Config::from_vars(vars(&[("POSTHORN_DATABASE_URL", "hunter2 not a url")]))
+            .expect_err("not a url")
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+
+        let c = Config::from_vars(vars(&[(
+            "POSTHORN_KAFKA_SASL_PASSWORD",
+            "kafka-secret",
+        )]))
+        .expect("valid");
+        assert_eq!(c.database.redacted(), "postgres://u:***@db:5432/app");
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(!debug.contains("kafka-secret"), "{debug}");
+    }
+
+    #[test]
+    fn kafka_variables_become_librdkafka_properties() {
+        let c = Config::from_vars(vars(&[
+            ("POSTHORN_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("POSTHORN_KAFKA_LINGER_MS", "20"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(c.kafka.properties["linger.ms"], "20");
+        assert!(!c.kafka.properties.contains_key("brokers"));
+        assert_eq!(
+            kafka_property_var("security.protocol"),
+            "POSTHORN_KAFKA_SECURITY_PROTOCOL"
+        );
+    }
+
+    #[test]
+    fn the_promise_properties_cannot_be_weakened() {
+        let msg = Config::from_vars(vars(&[("POSTHORN_KAFKA_ENABLE_IDEMPOTENCE", "false")]))
+            .expect_err("weakened")
+            .to_string();
+        assert!(msg.starts_with("POSTHORN_KAFKA_ENABLE_IDEMPOTENCE: must be true"), "{msg}");
+        assert!(Config::from_vars(vars(&[("POSTHORN_KAFKA_ACKS", "1")])).is_err());
+        assert!(Config::from_vars(vars(&[("POSTHORN_KAFKA_ACKS", "-1")])).is_ok());
+    }
+
+    #[test]
+    fn table_and_schema_must_be_plain_identifiers() {
+        let msg = Config::from_vars(vars(&[("POSTHORN_TABLE", "out\"box")]))
+            .expect_err("quote")
+            .to_string();
+        assert!(msg.starts_with("POSTHORN_TABLE: "), "{msg}");
+        assert!(Config::from_vars(vars(&[("POSTHORN_SCHEMA", "Sales")])).is_err());
+        let c = Config::from_vars(vars(&[
+            ("POSTHORN_SCHEMA", "sales"),
+            ("POSTHORN_TABLE", "order_events"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.outbox.channel(), "posthorn.sales.order_events");
+    }
+
+    #[test]
+    fn topic_templates_render_and_reject_unknown_placeholders() {
+        let t = TopicTemplate::parse("svc.{aggregate_type}.{event_type}", "V").expect("valid");
+        assert_eq!(t.render("order", "shipped"), "svc.order.shipped");
+        let msg = TopicTemplate::parse("{aggregate}", "POSTHORN_TOPIC_TEMPLATE")
+            .expect_err("unknown")
+            .to_string();
+        assert!(msg.contains("unknown placeholder '{aggregate}'"), "{msg}");
+        assert!(TopicTemplate::parse("a b", "V").is_err());
+        assert!(TopicTemplate::parse("{aggregate_type", "V").is_err());
+    }
+
+    #[test]
+    fn topic_names_are_checked_against_kafka_rules() {
+        assert_eq!(topic_name_problem("orders.v1"), None);
+        assert!(topic_name_problem("").is_some());
+        assert!(topic_name_problem("..").is_some());
+        assert!(topic_name_problem("has space").is_some());
+        assert!(topic_name_problem(&"x".repeat(250)).is_some());
+    }
+
+    #[test]
+    fn unknown_posthorn_variables_are_reported_not_fatal() {
+        let c = Config::from_vars(vars(&[("POSTHORN_BATCHSIZE", "10")])).expect("valid");
+        assert_eq!(c.unknown_vars, vec!["POSTHORN_BATCHSIZE".to_owned()]);
+    }
+}

@@ -1,0 +1,26 @@
+//! posthorn: a transactional-outbox relay.
+//!
+//! A service writes an outbox row in the same Postgres transaction as its business change;
+//! posthorn publishes each committed row to Kafka with an idempotent producer and marks it
+//! delivered. Modules in reading order:
+//!
+//! - [`config`]: every `POSTHORN_*` variable, validated, secrets redacted.
+//! - [`outbox`]: the only SQL on the outbox table (read, mark, record failures, LISTEN).
+//! - [`publisher`]: the only rdkafka code (row → record, pipelined send, delivery reports).
+//! - [`acks`]: which acknowledged rows may be marked (per-aggregate order).
+//! - [`relay`]: the loop that ties them together.
+//! - [`migrate`]: the outbox schema, applied by `posthorn migrate`.
+//! - [`cli`], [`events`], [`retry`], [`shutdown`]: the edges.
+//!
+//! See ARCHITECTURE.md for the invariants.
+
+pub mod acks;
+pub mod cli;
+pub mod config;
+pub mod events;
+pub mod migrate;
+pub mod outbox;
+pub mod publisher;
+pub mod relay;
+pub mod retry;
+pub mod shutdown;
