@@ -1,6 +1,7 @@
 //! Command line: `posthorn [run] | migrate | check`, all configured by `POSTHORN_*` variables.
 //! The binary's edge: errors become `anyhow` here, and [`exit_code`] maps them to a status.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -166,7 +167,8 @@ fn init_tracing(log: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::new(&log.filter);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

@@ -634,7 +634,10 @@ mod tests {
             .expect_err("missing database url");
         let msg = err.to_string();
         assert!(msg.starts_with("POSTHORN_DATABASE_URL: not set"), "{msg}");
-        assert!(msg.contains("example: POSTHORN_DATABASE_URL=postgres://"), "{msg}");
+        assert!(
+            msg.contains("example: POSTHORN_DATABASE_URL=postgres://"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -665,11 +668,8 @@ mod tests {
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
 
-        let c = Config::from_vars(vars(&[(
-            "POSTHORN_KAFKA_SASL_PASSWORD",
-            "kafka-secret",
-        )]))
-        .expect("valid");
+        let c = Config::from_vars(vars(&[("POSTHORN_KAFKA_SASL_PASSWORD", "kafka-secret")]))
+            .expect("valid");
         assert_eq!(c.database.redacted(), "postgres://u:***@db:5432/app");
         let debug = format!("{c:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
@@ -697,7 +697,10 @@ mod tests {
         let msg = Config::from_vars(vars(&[("POSTHORN_KAFKA_ENABLE_IDEMPOTENCE", "false")]))
             .expect_err("weakened")
             .to_string();
-        assert!(msg.starts_with("POSTHORN_KAFKA_ENABLE_IDEMPOTENCE: must be true"), "{msg}");
+        assert!(
+            msg.starts_with("POSTHORN_KAFKA_ENABLE_IDEMPOTENCE: must be true"),
+            "{msg}"
+        );
         assert!(Config::from_vars(vars(&[("POSTHORN_KAFKA_ACKS", "1")])).is_err());
         assert!(Config::from_vars(vars(&[("POSTHORN_KAFKA_ACKS", "-1")])).is_ok());
     }

@@ -140,7 +140,10 @@ pub struct Listening<'a> {
 }
 impl Listening<'_> {
     pub fn emit(self) {
-        debug!(channel = self.channel, "Listening for outbox notifications.");
+        debug!(
+            channel = self.channel,
+            "Listening for outbox notifications."
+        );
     }
 }
 

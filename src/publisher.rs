@@ -97,14 +97,16 @@ impl Publisher {
     }
 
     /// Sends the rows allowed by `tracker` and records each one's outcome in it. Returns when
-    /// every sent record has its delivery report, or `grace` after `shutdown` fired.
+    /// every sent record has its delivery report, or `grace` after `shutdown` fired, with the
+    /// number of records Kafka (not posthorn's own checks) failed.
     pub async fn publish(
         &self,
         rows: &[OutboxRow],
         tracker: &mut Tracker<'_>,
         shutdown: &mut Shutdown,
         grace: Duration,
-    ) {
+    ) -> usize {
+        let mut n_kafka_failures = 0;
         let mut pending = FuturesUnordered::new();
         for (i, row) in rows.iter().enumerate() {
             if !tracker.may_send(i) {
@@ -134,12 +136,13 @@ impl Publisher {
                         // librdkafka's queue is full: wait for a delivery report to free room.
                         record = back;
                         match pending.next().await {
-                            Some((j, report)) => settle(tracker, j, report),
+                            Some((j, report)) => n_kafka_failures += settle(tracker, j, report),
                             None => tokio::time::sleep(Duration::from_millis(10)).await,
                         }
                     }
                     Err((err, _)) => {
                         tracker.fail(i, describe(&err));
+                        n_kafka_failures += 1;
                         break;
                     }
                 }
@@ -150,13 +153,14 @@ impl Publisher {
         while !pending.is_empty() {
             let stop_at = deadline.unwrap_or_else(Instant::now);
             tokio::select! {
-                Some((j, report)) = pending.next() => settle(tracker, j, report),
+                Some((j, report)) = pending.next() => n_kafka_failures += settle(tracker, j, report),
                 _ = shutdown.triggered(), if deadline.is_none() => {
                     deadline = Some(Instant::now() + grace);
                 }
                 _ = tokio::time::sleep_until(stop_at), if deadline.is_some() => break,
             }
         }
+        n_kafka_failures
     }
 
     /// The topic and headers for a row, or why Kafka could never accept it.
@@ -265,16 +269,29 @@ fn parse_headers(json: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(map)
 }
 
-type Report = Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
+type Report = Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures::channel::oneshot::Canceled,
+>;
 
-fn settle(tracker: &mut Tracker<'_>, i: usize, report: Report) {
+/// Records a delivery report in the tracker; returns 1 if Kafka failed the record, else 0.
+fn settle(tracker: &mut Tracker<'_>, i: usize, report: Report) -> usize {
     match report {
-        Ok(Ok(_delivery)) => tracker.ack(i),
-        Ok(Err((err, _message))) => tracker.fail(i, describe(&err)),
-        Err(_canceled) => tracker.fail(
-            i,
-            "the producer closed before the record's delivery report".to_owned(),
-        ),
+        Ok(Ok(_delivery)) => {
+            tracker.ack(i);
+            0
+        }
+        Ok(Err((err, _message))) => {
+            tracker.fail(i, describe(&err));
+            1
+        }
+        Err(_canceled) => {
+            tracker.fail(
+                i,
+                "the producer closed before the record's delivery report".to_owned(),
+            );
+            1
+        }
     }
 }
 

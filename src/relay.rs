@@ -120,7 +120,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
 
         let started = Instant::now();
         let mut tracker = Tracker::new(&rows);
-        producer
+        let n_kafka_failures = producer
             .publish(&rows, &mut tracker, &mut shutdown, config.shutdown_timeout)
             .await;
         let settled = tracker.finish();
@@ -135,12 +135,6 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             elapsed: started.elapsed(),
         }
         .emit();
-
-        if settled.failed.is_empty() {
-            kafka_backoff.reset();
-            publisher = Some(producer);
-            continue;
-        }
         for (outbox_id, error) in &settled.failed {
             events::RowFailed {
                 outbox_id: *outbox_id,
@@ -156,20 +150,34 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             }
             .emit();
         }
-        // A failed record may have left a gap behind which later records of its partition were
-        // written, and a fatal error leaves the producer unusable: start over with a new
-        // producer (new producer id, fresh sequence numbers) from the oldest undelivered row.
-        let reason = producer
-            .fatal_error()
-            .unwrap_or_else(|| settled.failed[0].1.clone());
-        producer.close().await;
-        let retry_in = kafka_backoff.next_delay();
-        events::ProducerReplaced {
-            reason: &reason,
-            retry_in,
+
+        if n_kafka_failures > 0 {
+            // A record Kafka failed may have left a gap behind which later records of its
+            // partition were written, and a fatal error leaves the producer unusable: start over
+            // with a new producer (new producer id, fresh sequence numbers) from the oldest
+            // undelivered row.
+            let reason = producer
+                .fatal_error()
+                .or_else(|| settled.failed.first().map(|(_, e)| e.clone()))
+                .unwrap_or_default();
+            producer.close().await;
+            let retry_in = kafka_backoff.next_delay();
+            events::ProducerReplaced {
+                reason: &reason,
+                retry_in,
+            }
+            .emit();
+            sleep_unless_stopped(retry_in, &mut shutdown).await;
+            continue;
         }
-        .emit();
-        sleep_unless_stopped(retry_in, &mut shutdown).await;
+        publisher = Some(producer);
+        if !settled.failed.is_empty() && n_marked == 0 {
+            // Only rows that fail posthorn's own checks are left: wait before trying them again
+            // rather than spinning on them.
+            sleep_unless_stopped(kafka_backoff.next_delay(), &mut shutdown).await;
+        } else {
+            kafka_backoff.reset();
+        }
     }
 
     if let Some(producer) = publisher {

@@ -1,0 +1,351 @@
+//! Every committed row reaches Kafka once, in per-aggregate commit order, as the contract says;
+//! rolled-back rows never do; commit order different from id order loses nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::support::{
+    check_key_order, config, create_aggregates, create_topic, read_topic, unique, wait_until,
+    write_versioned_event, RunningRelay, TestDb,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_rows_all_arrive_once_in_per_key_commit_order() {
+    const N_KEYS: usize = 100;
+    const N_EVENTS: usize = 10_000;
+    const N_WRITERS: usize = 8;
+    let db = TestDb::create("order").await;
+    let topic = unique("it-order");
+    create_topic(&topic, 4).await;
+    let keys: Vec<String> = (0..N_KEYS).map(|k| format!("agg-{k}")).collect();
+    create_aggregates(&db.pool, &keys).await;
+
+    let relay = RunningRelay::start(config(&db.url, &[("POSTHORN_BATCH_SIZE", "500")]));
+    // Writers take events from a shared counter, so every aggregate is written by several
+    // writers at once and its row lock decides the order.
+    let next = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..N_WRITERS)
+        .map(|w| {
+            let (pool, next, keys, topic) =
+                (db.pool.clone(), next.clone(), keys.clone(), topic.clone());
+            tokio::spawn(async move {
+                loop {
+                    let j = next.fetch_add(1, Ordering::Relaxed);
+                    if j >= N_EVENTS {
+                        break;
+                    }
+                    write_versioned_event(&pool, &topic, &keys[j % N_KEYS], w).await;
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    wait_until(
+        Duration::from_secs(120),
+        "every row is marked delivered",
+        || async { db.undelivered().await == 0 },
+    )
+    .await;
+    let stats = relay.stop().await;
+    assert_eq!(stats.n_published, N_EVENTS as u64);
+
+    let records = read_topic(&topic, N_EVENTS, Duration::from_secs(60)).await;
+    assert_eq!(
+        records.len(),
+        N_EVENTS,
+        "exactly one record per committed row"
+    );
+
+    // The contract: key = aggregate_id, value = payload, headers from the row.
+    let rows: HashMap<i64, (Uuid, String, i32)> = sqlx::query(
+        "SELECT id, event_id, aggregate_id, (payload->>'version')::int AS version FROM outbox",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("outbox rows")
+    .into_iter()
+    .map(|r| {
+        (
+            r.get("id"),
+            (r.get("event_id"), r.get("aggregate_id"), r.get("version")),
+        )
+    })
+    .collect();
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut partition_of_key: HashMap<String, i32> = HashMap::new();
+    for r in &records {
+        let key = r.key.clone().expect("a key");
+        let outbox_id: i64 = r.header("outbox-id").parse().expect("numeric outbox-id");
+        let (event_id, aggregate_id, version) = &rows[&outbox_id];
+        assert_eq!(&key, aggregate_id);
+        assert_eq!(r.header("event-id"), event_id.to_string());
+        assert_eq!(r.header("event-type"), "Incremented");
+        assert_eq!(r.header("aggregate-type"), topic);
+        assert!(r.header("writer").starts_with('w'));
+        assert_eq!(r.value_json()["version"], *version);
+        let p = *partition_of_key.entry(key.clone()).or_insert(r.partition);
+        assert_eq!(p, r.partition, "one key, one partition");
+        per_key.entry(key).or_default().push(i64::from(*version));
+    }
+    // Records of one key are in one partition, so consumption order there is Kafka's order.
+    assert_eq!(per_key.len(), N_KEYS);
+    for (key, versions) in &per_key {
+        let expected: Vec<i64> = (1..=(N_EVENTS / N_KEYS) as i64).collect();
+        assert_eq!(
+            versions, &expected,
+            "key {key}: commit order, no gaps, no repeats"
+        );
+        assert_eq!(check_key_order(versions), Ok(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_follow_the_contract_for_key_value_headers_and_topic() {
+    let db = TestDb::create("contract").await;
+    let base = unique("it-contract");
+    let routed = format!("{base}.routed");
+    let template_topic = format!("{base}.order.OrderShipped");
+    create_topic(&routed, 1).await;
+    create_topic(&template_topic, 1).await;
+    let relay = RunningRelay::start(config(
+        &db.url,
+        &[(
+            "POSTHORN_TOPIC_TEMPLATE",
+            &format!("{base}.{{aggregate_type}}.{{event_type}}"),
+        )],
+    ));
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, topic, headers) VALUES \
+         ('order', 'o-1', 'OrderShipped', '{\"b\": [1, 2], \"a\": \"x\"}', NULL, '{\"traceparent\": \"00-abc-def-01\"}'), \
+         ('order', 'o-2', 'OrderShipped', NULL, NULL, NULL), \
+         ('order', 'o-3', 'OrderShipped', '{\"n\": 3}', $1, NULL)",
+    )
+    .bind(&routed)
+    .execute(&db.pool)
+    .await
+    .expect("insert");
+    wait_until(Duration::from_secs(30), "rows are delivered", || async {
+        db.undelivered().await == 0
+    })
+    .await;
+    relay.stop().await;
+
+    let templated = read_topic(&template_topic, 2, Duration::from_secs(30)).await;
+    assert_eq!(templated.len(), 2);
+    let first = &templated[0];
+    assert_eq!(first.key.as_deref(), Some("o-1"));
+    assert_eq!(
+        first.value_json(),
+        serde_json::json!({"a": "x", "b": [1, 2]})
+    );
+    assert_eq!(first.header("traceparent"), "00-abc-def-01");
+    assert_eq!(first.header("aggregate-type"), "order");
+    assert_eq!(first.header("event-type"), "OrderShipped");
+    Uuid::parse_str(first.header("event-id")).expect("event-id is a UUID");
+    assert_eq!(
+        first.headers.len(),
+        5,
+        "four posthorn headers and one of the row's"
+    );
+    let tombstone = &templated[1];
+    assert_eq!(tombstone.key.as_deref(), Some("o-2"));
+    assert_eq!(
+        tombstone.value, None,
+        "a NULL payload is a null value (tombstone)"
+    );
+
+    let routed_records = read_topic(&routed, 1, Duration::from_secs(30)).await;
+    assert_eq!(routed_records.len(), 1);
+    assert_eq!(routed_records[0].key.as_deref(), Some("o-3"));
+    assert_eq!(routed_records[0].value_json()["n"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_rows_are_never_published() {
+    let db = TestDb::create("rollback").await;
+    let topic = unique("it-rollback");
+    create_topic(&topic, 2).await;
+    let relay = RunningRelay::start(config(&db.url, &[]));
+    let mut committed = HashSet::new();
+    for n in 0..300i32 {
+        let mut tx = db.pool.begin().await.expect("begin");
+        sqlx::query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ($1, $2, 'Tried', jsonb_build_object('n', $3::int))",
+        )
+        .bind(&topic)
+        .bind(format!("k{}", n % 7))
+        .bind(n)
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+        match n % 3 {
+            0 => tx.rollback().await.expect("rollback"),
+            1 => {
+                // A statement error aborts the transaction; its commit is a rollback.
+                let failed = sqlx::query("SELECT 1 / 0").execute(&mut *tx).await;
+                assert!(failed.is_err());
+                drop(tx);
+            }
+            _ => {
+                tx.commit().await.expect("commit");
+                committed.insert(n);
+            }
+        }
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "committed rows are delivered",
+        || async { db.undelivered().await == 0 },
+    )
+    .await;
+    relay.stop().await;
+
+    let records = read_topic(&topic, committed.len(), Duration::from_secs(30)).await;
+    let published: Vec<i32> = records
+        .iter()
+        .map(|r| r.value_json()["n"].as_i64().expect("n") as i32)
+        .collect();
+    let published_set: HashSet<i32> = published.iter().copied().collect();
+    assert_eq!(
+        published.len(),
+        committed.len(),
+        "no duplicates, nothing extra"
+    );
+    assert_eq!(published_set, committed, "exactly the committed rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_after_a_later_row_is_still_published() {
+    let db = TestDb::create("late_commit").await;
+    let topic = unique("it-late");
+    create_topic(&topic, 1).await;
+    let relay = RunningRelay::start(config(&db.url, &[]));
+    let insert = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                  VALUES ($1, $2, 'Happened', '{}') RETURNING id";
+
+    // A inserts first (smaller id) and stays open; B inserts later and commits first.
+    let mut tx_a = db.pool.begin().await.expect("begin A");
+    let id_a: i64 = sqlx::query_scalar(insert)
+        .bind(&topic)
+        .bind("a")
+        .fetch_one(&mut *tx_a)
+        .await
+        .expect("insert A");
+    let mut tx_b = db.pool.begin().await.expect("begin B");
+    let id_b: i64 = sqlx::query_scalar(insert)
+        .bind(&topic)
+        .bind("b")
+        .fetch_one(&mut *tx_b)
+        .await
+        .expect("insert B");
+    assert!(id_a < id_b);
+    tx_b.commit().await.expect("commit B");
+
+    let delivered = |id: i64| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT delivered_at IS NOT NULL FROM outbox WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("row")
+        }
+    };
+    // The relay publishes B while A's smaller id is still invisible to it...
+    wait_until(Duration::from_secs(30), "B is delivered", || {
+        delivered(id_b)
+    })
+    .await;
+    // ...and still finds A when it commits.
+    tx_a.commit().await.expect("commit A");
+    wait_until(Duration::from_secs(30), "A is delivered", || {
+        delivered(id_a)
+    })
+    .await;
+    relay.stop().await;
+
+    let records = read_topic(&topic, 2, Duration::from_secs(30)).await;
+    let keys: Vec<_> = records
+        .iter()
+        .map(|r| r.key.clone().expect("key"))
+        .collect();
+    assert_eq!(
+        keys,
+        vec!["b".to_owned(), "a".to_owned()],
+        "commit order: B, then A"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_kafka_cannot_accept_holds_back_its_aggregate_only_and_records_the_error() {
+    let db = TestDb::create("held").await;
+    let topic = unique("it-held");
+    create_topic(&topic, 1).await;
+    // The template turns aggregate type "bad type" into a topic name Kafka rejects. Later rows of
+    // that aggregate route to a valid topic, but must wait behind the failing row.
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, topic) VALUES \
+         ('bad type', 'k1', 'E', '{\"n\": 1}', NULL), \
+         ('bad type', 'k1', 'E', '{\"n\": 2}', $1), \
+         ('bad type', 'k2', 'E', '{\"n\": 3}', $1) RETURNING id",
+    )
+    .bind(&topic)
+    .fetch_all(&db.pool)
+    .await
+    .expect("insert");
+    let relay = RunningRelay::start(config(&db.url, &[]));
+    let row = |id: i64| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (bool, i32, Option<String>)>(
+                "SELECT delivered_at IS NOT NULL, attempts, last_error FROM outbox WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("row")
+        }
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the failing row was retried",
+        || async { row(ids[0]).await.1 >= 2 },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the other aggregate's row is delivered",
+        || async { row(ids[2]).await.0 },
+    )
+    .await;
+    relay.stop().await;
+
+    let (delivered, _, error) = row(ids[0]).await;
+    assert!(!delivered);
+    let error = error.expect("the error is recorded on the row");
+    assert!(error.contains("characters Kafka does not allow"), "{error}");
+    assert!(
+        !row(ids[1]).await.0,
+        "the later row of the failing aggregate waits"
+    );
+    let records = read_topic(&topic, 1, Duration::from_secs(30)).await;
+    let keys: Vec<_> = records
+        .iter()
+        .map(|r| r.key.clone().expect("key"))
+        .collect();
+    assert_eq!(
+        keys,
+        vec!["k2".to_owned()],
+        "only the other aggregate's row was published"
+    );
+}

@@ -1,0 +1,304 @@
+//! The real `posthorn` binary: killed and restarted mid-stream, stopped with SIGTERM, given bad
+//! configuration, and its `migrate` and `check` commands.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::{
+    check_key_order, create_aggregates, create_topic, env_vars, posthorn_command, read_topic,
+    unique, wait_until, write_versioned_event, RelayProcess, TestDb,
+};
+
+async fn delivered(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count delivered")
+}
+
+fn log_path(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay-logs");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir.join(format!("{}.log", unique(name)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_order() {
+    const N_KEYS: usize = 50;
+    const N_EVENTS: usize = 12_000;
+    const N_KILLS: usize = 4;
+    let db = TestDb::create("sigkill").await;
+    let topic = unique("it-sigkill");
+    create_topic(&topic, 3).await;
+    let keys: Vec<String> = (0..N_KEYS).map(|k| format!("k{k}")).collect();
+    create_aggregates(&db.pool, &keys).await;
+    let vars = env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "300")]);
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (pool, next, keys, topic) =
+                (db.pool.clone(), next.clone(), keys.clone(), topic.clone());
+            tokio::spawn(async move {
+                loop {
+                    let j = next.fetch_add(1, Ordering::Relaxed);
+                    if j >= N_EVENTS {
+                        break;
+                    }
+                    write_versioned_event(&pool, &topic, &keys[j % N_KEYS], w).await;
+                }
+            })
+        })
+        .collect();
+
+    let mut relay = RelayProcess::spawn(&vars, &log_path("sigkill"));
+    for kill in 0..N_KILLS {
+        let before = delivered(&db).await;
+        let step = (N_EVENTS / (N_KILLS + 2)) as i64;
+        wait_until(
+            Duration::from_secs(60),
+            "the relay makes progress",
+            || async { delivered(&db).await >= before + step },
+        )
+        .await;
+        relay.signal("KILL");
+        let status = relay.wait(Duration::from_secs(10)).await;
+        assert!(!status.success(), "kill {kill}: SIGKILL ends the process");
+        relay = RelayProcess::spawn(&vars, &log_path("sigkill"));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    wait_until(
+        Duration::from_secs(120),
+        "every row is delivered",
+        || async { db.undelivered().await == 0 },
+    )
+    .await;
+    relay.signal("TERM");
+    assert!(relay.wait(Duration::from_secs(30)).await.success());
+
+    let records = read_topic(&topic, N_EVENTS, Duration::from_secs(60)).await;
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in &records {
+        per_key
+            .entry(r.key.clone().expect("key"))
+            .or_default()
+            .push(r.value_json()["version"].as_i64().expect("version"));
+    }
+    let mut duplicates = 0;
+    for (key, versions) in &per_key {
+        duplicates += check_key_order(versions).unwrap_or_else(|e| panic!("key {key}: {e}"));
+        let distinct: HashSet<i64> = versions.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            N_EVENTS / N_KEYS,
+            "key {key}: every version arrived"
+        );
+    }
+    assert_eq!(per_key.len(), N_KEYS);
+    assert_eq!(records.len(), N_EVENTS + duplicates);
+    println!(
+        "sigkill: {N_KILLS} kills, {} rows committed, {} records consumed, 0 lost, {duplicates} duplicates",
+        N_EVENTS,
+        records.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka() {
+    let db = TestDb::create("sigterm").await;
+    let topic = unique("it-sigterm");
+    create_topic(&topic, 2).await;
+    let n: i64 = 5_000;
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT $1, 'k' || (g % 10), 'Bulk', jsonb_build_object('n', g) FROM generate_series(1, $2) g",
+    )
+    .bind(&topic)
+    .bind(n)
+    .execute(&db.pool)
+    .await
+    .expect("bulk insert");
+    let log = log_path("sigterm");
+    let mut relay =
+        RelayProcess::spawn(&env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "100")]), &log);
+    wait_until(
+        Duration::from_secs(60),
+        "some rows are delivered",
+        || async { delivered(&db).await > 0 },
+    )
+    .await;
+    relay.signal("TERM");
+    let status = relay.wait(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "SIGTERM exits with status 0, got {status}"
+    );
+    let log = std::fs::read_to_string(&log).expect("relay log");
+    assert!(log.contains("Relay stopped."), "{log}");
+
+    let marked: Vec<i64> = sqlx::query_scalar(
+        "SELECT (payload->>'n')::bigint FROM outbox WHERE delivered_at IS NOT NULL",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("marked rows");
+    assert!(!marked.is_empty());
+    let records = read_topic(&topic, marked.len(), Duration::from_secs(30)).await;
+    let published: HashSet<i64> = records
+        .iter()
+        .map(|r| r.value_json()["n"].as_i64().expect("n"))
+        .collect();
+    for m in &marked {
+        assert!(
+            published.contains(m),
+            "row n={m} is marked but not in Kafka"
+        );
+    }
+}
+
+fn run_binary(args: &[&str], vars: &[(String, String)]) -> (i32, String, String) {
+    let out = posthorn_command(vars)
+        .args(args)
+        .output()
+        .expect("running posthorn");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_missing_variable_exits_2_with_one_line_naming_it_and_an_example() {
+    let (code, _, stderr) = run_binary(&["run"], &vars(&[("POSTHORN_KAFKA_BROKERS", "k:9092")]));
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("POSTHORN_DATABASE_URL: not set")
+            && stderr.contains("(example: POSTHORN_DATABASE_URL=postgres://"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_malformed_value_exits_2_naming_the_variable_without_echoing_secrets() {
+    let base = [
+        (
+            "POSTHORN_DATABASE_URL",
+            "postgres://u:hunter2@127.0.0.1:5432/db",
+        ),
+        ("POSTHORN_KAFKA_BROKERS", "127.0.0.1:9092"),
+    ];
+    let cases: [(&str, &str, &str); 4] = [
+        (
+            "POSTHORN_BATCH_SIZE",
+            "abc",
+            "POSTHORN_BATCH_SIZE: 'abc' is not a whole number",
+        ),
+        (
+            "POSTHORN_DATABASE_URL",
+            "postgres//u:hunter2@db",
+            "POSTHORN_DATABASE_URL: not a valid URL",
+        ),
+        (
+            "POSTHORN_DATABASE_URL",
+            "mysql://u:hunter2@db/x",
+            "POSTHORN_DATABASE_URL: scheme 'mysql'",
+        ),
+        (
+            "POSTHORN_KAFKA_NO_SUCH_PROPERTY",
+            "1",
+            "POSTHORN_KAFKA_NO_SUCH_PROPERTY: librdkafka rejected it",
+        ),
+    ];
+    for (var, value, expected) in cases {
+        let mut vs = vars(&base);
+        vs.retain(|(k, _)| k != var);
+        vs.push((var.to_owned(), value.to_owned()));
+        let (code, _, stderr) = run_binary(&["run"], &vs);
+        assert_eq!(code, 2, "{var}={value}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expected), "{var}={value}: {stderr}");
+        assert!(stderr.contains("(example: "), "{stderr}");
+        assert!(!stderr.contains("hunter2"), "a password leaked: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_creates_a_custom_schema_and_table_once_and_the_relay_publishes_from_it() {
+    let db = TestDb::create("custom_table").await;
+    let topic = unique("it-custom");
+    create_topic(&topic, 1).await;
+    let custom = [
+        ("POSTHORN_SCHEMA", "sales"),
+        ("POSTHORN_TABLE", "order_events"),
+    ];
+    let vs = env_vars(&db.url, &custom);
+    let (code, stdout, stderr) = run_binary(&["migrate"], &vs);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("\"sales\".\"order_events\": applied migration 1"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run_binary(&["migrate"], &vs);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("is up to date"), "{stdout}");
+
+    let (code, stdout, stderr) = run_binary(&["check"], &vs);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("All checks passed."), "{stdout}");
+    assert!(
+        !stdout.contains("postgres:postgres@"),
+        "check hides the password: {stdout}"
+    );
+
+    sqlx::query(
+        "INSERT INTO sales.order_events (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ($1, 'o-1', 'Placed', '{}')",
+    )
+    .bind(&topic)
+    .execute(&db.pool)
+    .await
+    .expect("insert into the custom table");
+    let mut relay = RelayProcess::spawn(&vs, &log_path("custom"));
+    let records = read_topic(&topic, 1, Duration::from_secs(30)).await;
+    assert_eq!(records[0].key.as_deref(), Some("o-1"));
+    relay.signal("TERM");
+    assert!(relay.wait(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_with_status_1_when_a_service_is_unreachable_or_unmigrated() {
+    let db = TestDb::create("check").await;
+    // An empty database: reachable, but no outbox table; and a broker port nobody listens on.
+    let vs = env_vars(
+        &db.url,
+        &[
+            ("POSTHORN_TABLE", "not_migrated"),
+            ("POSTHORN_KAFKA_BROKERS", "127.0.0.1:1"),
+        ],
+    );
+    let (code, stdout, stderr) = run_binary(&["check"], &vs);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("postgres  ok"), "{stdout}");
+    assert!(
+        stdout.contains("outbox    FAILED") && stdout.contains("posthorn migrate"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("kafka     FAILED"), "{stdout}");
+    assert!(
+        stderr.contains("check failed: 2 of 3 checks did not pass"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,475 @@
+//! Shared test plumbing: real services, one database and topic per test, a real consumer.
+//!
+//! Services: `POSTHORN_TEST_DATABASE_URL` (an admin URL; each test creates its own database) and
+//! `POSTHORN_TEST_KAFKA_BROKERS`, as `scripts/services.sh` exports them. When they are not set,
+//! PostgreSQL and Kafka are started with testcontainers (needs a Docker engine).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use posthorn::config::Config;
+use posthorn::relay::{self, RelayStats};
+use posthorn::shutdown::{Shutdown, ShutdownTrigger};
+use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::AssertSqlSafe;
+use tokio::task::JoinHandle;
+
+pub struct Services {
+    /// URL of a database the tests may create databases from.
+    pub admin_url: String,
+    pub brokers: String,
+}
+
+static SERVICES: OnceLock<Services> = OnceLock::new();
+
+pub fn services() -> &'static Services {
+    SERVICES.get_or_init(|| {
+        match (
+            std::env::var("POSTHORN_TEST_DATABASE_URL"),
+            std::env::var("POSTHORN_TEST_KAFKA_BROKERS"),
+        ) {
+            (Ok(admin_url), Ok(brokers)) => Services { admin_url, brokers },
+            // testcontainers' blocking runner starts its own runtime: keep it off ours.
+            _ => std::thread::spawn(containers::start)
+                .join()
+                .expect("starting test containers"),
+        }
+    })
+}
+
+mod containers {
+    use testcontainers::runners::SyncRunner;
+    use testcontainers::Container;
+    use testcontainers_modules::kafka::apache::{Kafka, KAFKA_PORT};
+    use testcontainers_modules::postgres::Postgres;
+
+    use super::Services;
+
+    /// The containers live as long as the test process (they are never dropped).
+    static KEEP: std::sync::OnceLock<(Container<Postgres>, Container<Kafka>)> =
+        std::sync::OnceLock::new();
+
+    pub fn start() -> Services {
+        let pg = Postgres::default()
+            .start()
+            .expect("starting PostgreSQL (no POSTHORN_TEST_DATABASE_URL given; needs Docker)");
+        let kafka = Kafka::default()
+            .start()
+            .expect("starting Kafka (no POSTHORN_TEST_KAFKA_BROKERS given; needs Docker)");
+        let services = Services {
+            admin_url: format!(
+                "postgres://postgres:postgres@127.0.0.1:{}/postgres",
+                pg.get_host_port_ipv4(5432).expect("postgres port")
+            ),
+            brokers: format!(
+                "127.0.0.1:{}",
+                kafka.get_host_port_ipv4(KAFKA_PORT).expect("kafka port")
+            ),
+        };
+        let _ = KEEP.set((pg, kafka));
+        services
+    }
+}
+
+/// `<prefix>_<8 random hex digits>`: names no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:08x}", rand::rng().random::<u32>())
+}
+
+/// A database of the test's own, migrated. It is left in place afterwards, for inspection.
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn create(test: &str) -> TestDb {
+        TestDb::create_with(test, &[]).await
+    }
+
+    /// `vars` are extra POSTHORN_* settings for the migration (schema, table).
+    pub async fn create_with(test: &str, vars: &[(&str, &str)]) -> TestDb {
+        let services = services();
+        let name = unique(&format!("posthorn_t_{test}"));
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&services.admin_url)
+            .await
+            .expect("connecting to the admin database");
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
+        admin.close().await;
+        let url = with_database(&services.admin_url, &name);
+        let config = config(&url, vars);
+        posthorn::migrate::run(&config.database, &config.outbox)
+            .await
+            .expect("migrating the test database");
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect(&url)
+            .await
+            .expect("connecting to the test database");
+        TestDb { url, pool }
+    }
+
+    /// Rows not yet delivered.
+    pub async fn undelivered(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
+            .fetch_one(&self.pool)
+            .await
+            .expect("counting undelivered rows")
+    }
+}
+
+fn with_database(admin_url: &str, database: &str) -> String {
+    let mut url = url::Url::parse(admin_url).expect("admin url");
+    url.set_path(&format!("/{database}"));
+    url.to_string()
+}
+
+/// The relay's configuration for a test database, with extra `POSTHORN_*` settings.
+pub fn config(database_url: &str, extra: &[(&str, &str)]) -> Config {
+    Config::from_vars(env_vars(database_url, extra)).expect("valid test configuration")
+}
+
+/// The `POSTHORN_*` variables for a test database (for the binary, or `Config::from_vars`).
+pub fn env_vars(database_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut vars = vec![
+        ("POSTHORN_DATABASE_URL".to_owned(), database_url.to_owned()),
+        (
+            "POSTHORN_KAFKA_BROKERS".to_owned(),
+            services().brokers.clone(),
+        ),
+        ("POSTHORN_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
+    ];
+    for (k, v) in extra {
+        vars.retain(|(existing, _)| existing != k);
+        vars.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    vars
+}
+
+/// A relay running in this process.
+pub struct RunningRelay {
+    trigger: ShutdownTrigger,
+    task: JoinHandle<Result<RelayStats, relay::RelayError>>,
+}
+
+impl RunningRelay {
+    pub fn start(config: Config) -> RunningRelay {
+        let (trigger, shutdown) = Shutdown::new();
+        let task = tokio::spawn(async move { relay::run(&config, shutdown).await });
+        RunningRelay { trigger, task }
+    }
+
+    pub async fn stop(self) -> RelayStats {
+        self.trigger.trigger();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the relay stops within 30 s of its shutdown")
+            .expect("the relay task does not panic")
+            .expect("the relay returns Ok")
+    }
+}
+
+/// The `posthorn` binary built for these tests.
+pub fn posthorn_command(vars: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_posthorn"));
+    // Only the variables given: nothing from the developer's own environment leaks in.
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(vars.iter().cloned())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// A `posthorn run` child process; killed (SIGKILL) when dropped.
+pub struct RelayProcess {
+    pub child: Child,
+}
+
+impl RelayProcess {
+    pub fn spawn(vars: &[(String, String)], log: &std::path::Path) -> RelayProcess {
+        let log = std::fs::File::create(log).expect("creating the relay log");
+        let child = posthorn_command(vars)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting posthorn");
+        RelayProcess { child }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for posthorn") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "posthorn did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` until it is true; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &services().brokers)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create_topics request");
+    for result in results {
+        result.expect("creating the topic");
+    }
+}
+
+/// One record as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub key: Option<String>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Record {
+    pub fn value_json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.value.as_deref().expect("a value")).expect("JSON value")
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("record has no '{name}' header: {self:?}"))
+    }
+}
+
+/// Reads `topic` with a real consumer from the beginning of every partition until at least
+/// `at_least` records arrived AND every partition is read to its high watermark, so records
+/// beyond the expected ones are seen too. Panics after `timeout`.
+pub async fn read_topic(topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
+    let brokers = services().brokers.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || read_topic_blocking(&brokers, &topic, at_least, timeout))
+        .await
+        .expect("consumer thread")
+}
+
+fn read_topic_blocking(
+    brokers: &str,
+    topic: &str,
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("posthorn-it-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("consumer");
+    let deadline = Instant::now() + timeout;
+    let metadata = loop {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .expect("topic metadata");
+        let ready = md
+            .topics()
+            .first()
+            .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+        if ready {
+            break md;
+        }
+        assert!(Instant::now() < deadline, "topic {topic} never appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    for p in &partitions {
+        assignment
+            .add_partition_offset(topic, *p, Offset::Beginning)
+            .expect("assignment");
+    }
+    consumer.assign(&assignment).expect("assign");
+
+    let mut records = Vec::new();
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    let mut ends: Option<HashMap<i32, i64>> = None;
+    loop {
+        if records.len() >= at_least && ends.is_none() {
+            let mut e = HashMap::new();
+            for p in &partitions {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, *p, Duration::from_secs(5))
+                    .expect("watermarks");
+                e.insert(*p, high);
+            }
+            ends = Some(e);
+        }
+        if let Some(ends) = &ends {
+            let done = ends
+                .iter()
+                .all(|(p, high)| positions.get(p).copied().unwrap_or(0) >= *high);
+            if done {
+                return records;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "read {} of at least {at_least} records from {topic} in {timeout:?}",
+            records.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.expect("consumer error");
+        let mut headers = HashMap::new();
+        if let Some(hs) = message.headers() {
+            for h in hs.iter() {
+                let value = h
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                headers.insert(h.key.to_owned(), value);
+            }
+        }
+        positions.insert(message.partition(), message.offset() + 1);
+        records.push(Record {
+            partition: message.partition(),
+            key: message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            value: message.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+    }
+}
+
+/// Checks a key's sequence of versions as consumed: every new version arrives in order
+/// (max seen + 1), and anything else is a repeat of a version already seen (a redelivered
+/// suffix after a crash). Returns the number of repeats, or the first violation.
+pub fn check_key_order(versions: &[i64]) -> Result<usize, String> {
+    let mut max_seen = 0;
+    let mut repeats = 0;
+    for (i, &v) in versions.iter().enumerate() {
+        if v == max_seen + 1 {
+            max_seen = v;
+        } else if v >= 1 && v <= max_seen {
+            repeats += 1;
+        } else {
+            return Err(format!(
+                "position {i}: version {v} arrived when the newest was {max_seen} (sequence {versions:?})"
+            ));
+        }
+    }
+    Ok(repeats)
+}
+
+/// One event on aggregate `aggregate_id` in its own transaction, serialized per aggregate the
+/// way a service would: lock the aggregate row, bump its version, write the outbox row.
+pub async fn write_versioned_event(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    writer: usize,
+) -> i64 {
+    let mut tx = pool.begin().await.expect("begin");
+    let current: i32 =
+        sqlx::query_scalar("SELECT version FROM aggregates WHERE id = $1 FOR UPDATE")
+            .bind(aggregate_id)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("lock the aggregate");
+    let version = current + 1;
+    sqlx::query("UPDATE aggregates SET version = $2 WHERE id = $1")
+        .bind(aggregate_id)
+        .bind(version)
+        .execute(&mut *tx)
+        .await
+        .expect("bump the aggregate's version");
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) \
+         VALUES ($1, $2, 'Incremented', jsonb_build_object('version', $3::int), \
+                 jsonb_build_object('writer', $4::text))",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(version)
+    .bind(format!("w{writer}"))
+    .execute(&mut *tx)
+    .await
+    .expect("insert the outbox row");
+    tx.commit().await.expect("commit");
+    i64::from(version)
+}
+
+pub async fn create_aggregates(pool: &PgPool, ids: &[String]) {
+    sqlx::query("CREATE TABLE aggregates (id text PRIMARY KEY, version int NOT NULL DEFAULT 0)")
+        .execute(pool)
+        .await
+        .expect("create aggregates");
+    sqlx::query("INSERT INTO aggregates (id) SELECT unnest($1::text[])")
+        .bind(ids)
+        .execute(pool)
+        .await
+        .expect("insert aggregates");
+}
