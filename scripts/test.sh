@@ -5,4 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/services.sh up)"
 cargo fmt --check
-cargo test --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked 2>&1 | tee "$log"
+# One closing line for the whole run (cargo prints one per test binary, the last being the
+# doc-tests').
+awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"

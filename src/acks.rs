@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 
+use crate::config::PoisonPolicy;
 use crate::outbox::OutboxRow;
 
 /// What happened to one row of a batch.
@@ -16,8 +17,12 @@ use crate::outbox::OutboxRow;
 pub enum Outcome {
     /// Kafka acknowledged the record.
     Acked,
-    /// Publishing failed; the error is recorded on the row and it is read again later.
+    /// Publishing failed for a reason that may pass; the error is recorded on the row and it is
+    /// read again later.
     Failed(String),
+    /// Kafka will never accept this row: it is marked failed, and `POSTHORN_ON_POISON` decides
+    /// whether later rows of its aggregate wait.
+    Poison(String),
     /// Not sent, because an earlier row of the same aggregate failed in this batch: sending it
     /// would put it ahead of that row.
     Withheld,
@@ -48,8 +53,10 @@ impl Deliverable {
 #[derive(Debug, Default)]
 pub struct Settled {
     pub deliverable: Deliverable,
-    /// Rows whose attempt failed, with the error: recorded on the row.
+    /// Rows whose attempt failed, with the error: recorded on the row, retried later.
     pub failed: Vec<(i64, String)>,
+    /// Rows Kafka will never accept, with the reason: marked failed.
+    pub poisoned: Vec<(i64, String)>,
     /// Rows held back behind an earlier failure or left unacknowledged.
     pub n_held: usize,
 }
@@ -57,6 +64,7 @@ pub struct Settled {
 /// Collects outcomes for one batch, rows in id order.
 pub struct Tracker<'a> {
     rows: &'a [OutboxRow],
+    policy: PoisonPolicy,
     outcomes: Vec<Option<Outcome>>,
     /// Aggregates with a failed row in this batch: their later rows are withheld.
     blocked: HashSet<(&'a str, &'a str)>,
@@ -64,10 +72,11 @@ pub struct Tracker<'a> {
 
 impl<'a> Tracker<'a> {
     /// `rows` must be in id order, as `Outbox::fetch_batch` returns them.
-    pub fn new(rows: &'a [OutboxRow]) -> Tracker<'a> {
+    pub fn new(rows: &'a [OutboxRow], policy: PoisonPolicy) -> Tracker<'a> {
         debug_assert!(rows.windows(2).all(|w| w[0].id < w[1].id));
         Tracker {
             rows,
+            policy,
             outcomes: vec![None; rows.len()],
             blocked: HashSet::new(),
         }
@@ -76,6 +85,11 @@ impl<'a> Tracker<'a> {
     /// Whether row `i` may be sent: no earlier row of its aggregate failed in this batch.
     pub fn may_send(&self, i: usize) -> bool {
         !self.blocked.contains(&aggregate(&self.rows[i]))
+    }
+
+    /// Whether row `i` has an outcome yet.
+    pub fn is_settled(&self, i: usize) -> bool {
+        self.outcomes[i].is_some()
     }
 
     pub fn withhold(&mut self, i: usize) {
@@ -92,8 +106,13 @@ impl<'a> Tracker<'a> {
         self.outcomes[i] = Some(Outcome::Failed(error));
     }
 
-    pub fn any_failed(&self) -> bool {
-        !self.blocked.is_empty()
+    /// Row `i` can never be published. Under `halt-key` its aggregate's later rows are held
+    /// back; under `dead-letter` they go on.
+    pub fn poison(&mut self, i: usize, reason: String) {
+        if self.policy == PoisonPolicy::HaltKey {
+            self.blocked.insert(aggregate(&self.rows[i]));
+        }
+        self.outcomes[i] = Some(Outcome::Poison(reason));
     }
 
     /// Decides the batch. Rows with no outcome yet count as [`Outcome::Unknown`].
@@ -103,14 +122,25 @@ impl<'a> Tracker<'a> {
         for (row, outcome) in self.rows.iter().zip(self.outcomes) {
             let key = aggregate(row);
             let outcome = outcome.unwrap_or(Outcome::Unknown);
-            if outcome == Outcome::Acked && !stopped.contains(&key) {
-                settled.deliverable.0.push(row.id);
-                continue;
-            }
-            stopped.insert(key);
             match outcome {
-                Outcome::Failed(error) => settled.failed.push((row.id, error)),
-                _ => settled.n_held += 1,
+                Outcome::Acked if !stopped.contains(&key) => {
+                    settled.deliverable.0.push(row.id);
+                }
+                Outcome::Poison(reason) => {
+                    // A poison row is settled either way; only halt-key stops its aggregate.
+                    if self.policy == PoisonPolicy::HaltKey {
+                        stopped.insert(key);
+                    }
+                    settled.poisoned.push((row.id, reason));
+                }
+                Outcome::Failed(error) => {
+                    stopped.insert(key);
+                    settled.failed.push((row.id, error));
+                }
+                Outcome::Acked | Outcome::Withheld | Outcome::Unknown => {
+                    stopped.insert(key);
+                    settled.n_held += 1;
+                }
             }
         }
         settled
@@ -145,7 +175,7 @@ mod tests {
     #[test]
     fn all_acked_rows_are_deliverable() {
         let rows = rows(&["a", "b", "a"]);
-        let mut t = Tracker::new(&rows);
+        let mut t = Tracker::new(&rows, PoisonPolicy::DeadLetter);
         (0..3).for_each(|i| t.ack(i));
         let s = t.finish();
         assert_eq!(s.deliverable.ids(), &[1, 2, 3]);
@@ -155,7 +185,7 @@ mod tests {
     #[test]
     fn a_row_after_a_failed_row_of_its_key_is_not_deliverable_but_other_keys_are() {
         let rows = rows(&["a", "b", "a", "b"]);
-        let mut t = Tracker::new(&rows);
+        let mut t = Tracker::new(&rows, PoisonPolicy::DeadLetter);
         t.fail(0, "boom".into());
         assert!(!t.may_send(2));
         assert!(t.may_send(1));
@@ -171,7 +201,7 @@ mod tests {
     #[test]
     fn a_row_after_an_unacknowledged_row_of_its_key_is_not_deliverable() {
         let rows = rows(&["a", "a", "b"]);
-        let mut t = Tracker::new(&rows);
+        let mut t = Tracker::new(&rows, PoisonPolicy::DeadLetter);
         t.ack(1);
         t.ack(2);
         let s = t.finish();
@@ -180,10 +210,37 @@ mod tests {
     }
 
     #[test]
+    fn under_dead_letter_a_poison_row_lets_its_aggregate_go_on() {
+        let rows = rows(&["a", "a", "b"]);
+        let mut t = Tracker::new(&rows, PoisonPolicy::DeadLetter);
+        t.poison(0, "too large".into());
+        assert!(t.may_send(1));
+        t.ack(1);
+        t.ack(2);
+        let s = t.finish();
+        assert_eq!(s.deliverable.ids(), &[2, 3]);
+        assert_eq!(s.poisoned, vec![(1, "too large".to_owned())]);
+    }
+
+    #[test]
+    fn under_halt_key_a_poison_row_holds_its_aggregate_only() {
+        let rows = rows(&["a", "a", "b"]);
+        let mut t = Tracker::new(&rows, PoisonPolicy::HaltKey);
+        t.poison(0, "too large".into());
+        assert!(!t.may_send(1));
+        t.withhold(1);
+        t.ack(2);
+        let s = t.finish();
+        assert_eq!(s.deliverable.ids(), &[3]);
+        assert_eq!(s.poisoned.len(), 1);
+        assert_eq!(s.n_held, 1);
+    }
+
+    #[test]
     fn the_same_id_under_another_aggregate_type_is_another_key() {
         let mut rows = rows(&["42", "42"]);
         rows[1].aggregate_type = "customer".into();
-        let mut t = Tracker::new(&rows);
+        let mut t = Tracker::new(&rows, PoisonPolicy::DeadLetter);
         t.fail(0, "x".into());
         assert!(t.may_send(1));
         t.ack(1);

@@ -100,7 +100,7 @@ async fn run_check(config: &Config) -> anyhow::Result<()> {
         config.poll_interval.as_millis()
     );
 
-    let outbox = Outbox::connect_lazy(&config.database, &config.outbox)?;
+    let outbox = Outbox::connect_lazy(&config.database, &config.outbox, config.on_poison)?;
     match tokio::time::timeout(TIMEOUT, outbox.server_version()).await {
         Ok(Ok(version)) => {
             println!(
@@ -108,8 +108,8 @@ async fn run_check(config: &Config) -> anyhow::Result<()> {
                 config.database.redacted()
             );
             match outbox.counts().await {
-                Ok((undelivered, delivered)) => println!(
-                    "outbox    ok: {} has {undelivered} undelivered and {delivered} delivered rows",
+                Ok((pending, delivered, failed)) => println!(
+                    "outbox    ok: {} has {pending} pending, {delivered} delivered and {failed} failed rows",
                     config.outbox.qualified()
                 ),
                 Err(err) => {

@@ -55,6 +55,8 @@ struct RawEnv {
     shutdown_timeout_ms: Option<String>,
     log_format: Option<String>,
     log: Option<String>,
+    on_poison: Option<String>,
+    dead_letter_topic: Option<String>,
 }
 
 /// Names of the variables [`RawEnv`] knows, for the unknown-variable warning.
@@ -69,6 +71,8 @@ const KNOWN_VARS: &[&str] = &[
     "SHUTDOWN_TIMEOUT_MS",
     "LOG_FORMAT",
     "LOG",
+    "ON_POISON",
+    "DEAD_LETTER_TOPIC",
 ];
 
 const EX_DATABASE_URL: &str = "postgres://posthorn:secret@127.0.0.1:5432/app";
@@ -88,6 +92,10 @@ pub struct Config {
     /// How long a stopping relay waits for in-flight acknowledgements.
     pub shutdown_timeout: Duration,
     pub log: LogConfig,
+    /// What happens to a row Kafka will never accept, and to later rows of its aggregate.
+    pub on_poison: PoisonPolicy,
+    /// Where `dead-letter` publishes poison rows (none: they are only marked failed).
+    pub dead_letter_topic: Option<String>,
     /// `POSTHORN_*` variables that posthorn does not know (typos, or injected by an orchestrator).
     pub unknown_vars: Vec<String>,
 }
@@ -147,6 +155,27 @@ impl Config {
             "10000",
         )?);
         let log = LogConfig::parse(raw.log_format.as_deref(), raw.log)?;
+        let on_poison = PoisonPolicy::parse(raw.on_poison.as_deref())?;
+        let dead_letter_topic = match raw.dead_letter_topic.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(topic) => {
+                if let Some(problem) = topic_name_problem(topic) {
+                    return Err(ConfigError::invalid(
+                        "POSTHORN_DEAD_LETTER_TOPIC",
+                        problem,
+                        "orders.outbox.dlq",
+                    ));
+                }
+                if on_poison == PoisonPolicy::HaltKey {
+                    return Err(ConfigError::invalid(
+                        "POSTHORN_DEAD_LETTER_TOPIC",
+                        "is only used with POSTHORN_ON_POISON=dead-letter, but it is halt-key",
+                        "orders.outbox.dlq",
+                    ));
+                }
+                Some(topic.to_owned())
+            }
+        };
 
         let unknown_vars = vars
             .iter()
@@ -165,6 +194,8 @@ impl Config {
             poll_interval,
             shutdown_timeout,
             log,
+            on_poison,
+            dead_letter_topic,
             unknown_vars,
         })
     }
@@ -558,6 +589,31 @@ pub fn topic_name_problem(topic: &str) -> Option<String> {
     None
 }
 
+/// `POSTHORN_ON_POISON`: what a row Kafka will never accept does to its aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoisonPolicy {
+    /// The row is marked failed (and published to the dead-letter topic, if one is set); later
+    /// rows of its aggregate go on.
+    DeadLetter,
+    /// The row is marked failed and later rows of its aggregate wait until an operator re-queues
+    /// or resolves it; other aggregates go on.
+    HaltKey,
+}
+
+impl PoisonPolicy {
+    fn parse(value: Option<&str>) -> Result<PoisonPolicy, ConfigError> {
+        match value.map(str::trim) {
+            None | Some("dead-letter") => Ok(PoisonPolicy::DeadLetter),
+            Some("halt-key") => Ok(PoisonPolicy::HaltKey),
+            Some(other) => Err(ConfigError::invalid(
+                "POSTHORN_ON_POISON",
+                format!("'{other}' is neither 'dead-letter' nor 'halt-key'"),
+                "halt-key",
+            )),
+        }
+    }
+}
+
 /// Log output settings.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -739,6 +795,25 @@ mod tests {
         assert!(topic_name_problem("..").is_some());
         assert!(topic_name_problem("has space").is_some());
         assert!(topic_name_problem(&"x".repeat(250)).is_some());
+    }
+
+    #[test]
+    fn the_poison_policy_and_dead_letter_topic_are_validated() {
+        let c = Config::from_vars(vars(&[])).expect("valid");
+        assert_eq!(c.on_poison, PoisonPolicy::DeadLetter);
+        assert_eq!(c.dead_letter_topic, None);
+        let c = Config::from_vars(vars(&[("POSTHORN_DEAD_LETTER_TOPIC", "x.dlq")])).expect("ok");
+        assert_eq!(c.dead_letter_topic.as_deref(), Some("x.dlq"));
+        let msg = Config::from_vars(vars(&[("POSTHORN_ON_POISON", "skip")]))
+            .expect_err("bad")
+            .to_string();
+        assert!(msg.starts_with("POSTHORN_ON_POISON: 'skip'"), "{msg}");
+        assert!(Config::from_vars(vars(&[("POSTHORN_DEAD_LETTER_TOPIC", "a b")])).is_err());
+        assert!(Config::from_vars(vars(&[
+            ("POSTHORN_ON_POISON", "halt-key"),
+            ("POSTHORN_DEAD_LETTER_TOPIC", "x.dlq")
+        ]))
+        .is_err());
     }
 
     #[test]

@@ -72,14 +72,48 @@ impl RowFailed<'_> {
 
 pub struct ProducerReplaced<'a> {
     pub reason: &'a str,
-    pub retry_in: Duration,
 }
 impl ProducerReplaced<'_> {
     pub fn emit(self) {
         warn!(
             reason = self.reason,
-            retry_in_ms = self.retry_in.as_millis() as u64,
             "Replacing the Kafka producer; resuming from the oldest unacknowledged row."
+        );
+    }
+}
+
+pub struct RowPoisoned<'a> {
+    pub outbox_id: i64,
+    pub reason: &'a str,
+    pub policy: crate::config::PoisonPolicy,
+    pub dead_letter_topic: Option<&'a str>,
+}
+impl RowPoisoned<'_> {
+    pub fn emit(self) {
+        let consequence = match self.policy {
+            crate::config::PoisonPolicy::DeadLetter => "later rows of its aggregate go on",
+            crate::config::PoisonPolicy::HaltKey => {
+                "later rows of its aggregate wait until it is re-queued"
+            }
+        };
+        warn!(
+            outbox_id = self.outbox_id,
+            reason = self.reason,
+            dead_letter_topic = self.dead_letter_topic.unwrap_or(""),
+            consequence,
+            "Kafka will never accept this row; marked it failed."
+        );
+    }
+}
+
+pub struct IsolatingRows {
+    pub n_rows: usize,
+}
+impl IsolatingRows {
+    pub fn emit(self) {
+        warn!(
+            n_rows = self.n_rows,
+            "Kafka rejected a record batch as a whole; sending its rows one at a time to find the one it cannot accept."
         );
     }
 }

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::acks::Deliverable;
-use crate::config::{DatabaseConfig, OutboxTable};
+use crate::config::{DatabaseConfig, OutboxTable, PoisonPolicy};
 use crate::events;
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
@@ -72,6 +72,7 @@ pub struct Outbox {
     fetch_sql: Arc<str>,
     mark_sql: Arc<str>,
     fail_sql: Arc<str>,
+    poison_sql: Arc<str>,
 }
 
 impl Outbox {
@@ -79,6 +80,7 @@ impl Outbox {
     pub fn connect_lazy(
         database: &DatabaseConfig,
         table: &OutboxTable,
+        policy: PoisonPolicy,
     ) -> Result<Outbox, OutboxError> {
         let options: PgConnectOptions = database.url().parse().map_err(OutboxError::Settings)?;
         let pool = PgPoolOptions::new()
@@ -87,18 +89,32 @@ impl Outbox {
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options.application_name("posthorn"));
-        Ok(Outbox::with_pool(pool, table))
+        Ok(Outbox::with_pool(pool, table, policy))
     }
 
-    pub fn with_pool(pool: PgPool, table: &OutboxTable) -> Outbox {
+    pub fn with_pool(pool: PgPool, table: &OutboxTable, policy: PoisonPolicy) -> Outbox {
         let t = table.qualified();
+        // Under halt-key, a row waits while an earlier row of its aggregate is failed. The probe
+        // uses the (normally empty) partial index of failed rows.
+        let halted = match policy {
+            PoisonPolicy::DeadLetter => "",
+            PoisonPolicy::HaltKey => {
+                " AND NOT EXISTS (SELECT 1 FROM {t} AS h \
+                   WHERE h.failed_at IS NOT NULL AND h.delivered_at IS NULL \
+                     AND h.aggregate_type = o.aggregate_type \
+                     AND h.aggregate_id = o.aggregate_id AND h.id < o.id)"
+            }
+        }
+        .replace("{t}", &t);
         Outbox {
             pool,
             table: table.clone(),
             fetch_sql: format!(
                 "SELECT id, event_id, aggregate_type, aggregate_id, event_type, \
                         payload::text AS payload, topic, headers::text AS headers \
-                 FROM {t} WHERE delivered_at IS NULL ORDER BY id LIMIT $1"
+                 FROM {t} AS o \
+                 WHERE delivered_at IS NULL AND failed_at IS NULL{halted} \
+                 ORDER BY id LIMIT $1"
             )
             .into(),
             mark_sql: format!(
@@ -109,6 +125,13 @@ impl Outbox {
             fail_sql: format!(
                 "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.error, \
                         last_attempt_at = now() \
+                 FROM unnest($1::bigint[], $2::text[]) AS f(id, error) \
+                 WHERE o.id = f.id AND o.delivered_at IS NULL"
+            )
+            .into(),
+            poison_sql: format!(
+                "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.error, \
+                        last_attempt_at = now(), failed_at = now() \
                  FROM unnest($1::bigint[], $2::text[]) AS f(id, error) \
                  WHERE o.id = f.id AND o.delivered_at IS NULL"
             )
@@ -161,27 +184,50 @@ impl Outbox {
         Ok(done.rows_affected())
     }
 
-    /// Records one failed attempt per row, with its error, in one statement.
+    /// Records one failed attempt per row, with its error, in one statement. The rows stay
+    /// pending and are read again.
     pub async fn record_failures(&self, failures: &[(i64, String)]) -> Result<(), OutboxError> {
-        if failures.is_empty() {
+        self.update_rows(
+            &self.fail_sql,
+            failures,
+            "recording failed publish attempts",
+        )
+        .await
+    }
+
+    /// Marks rows Kafka will never accept as failed (`failed_at`), with the reason, in one
+    /// statement. They are not read again until an operator re-queues them.
+    pub async fn mark_failed(&self, rows: &[(i64, String)]) -> Result<(), OutboxError> {
+        self.update_rows(&self.poison_sql, rows, "marking outbox rows failed")
+            .await
+    }
+
+    async fn update_rows(
+        &self,
+        sql: &Arc<str>,
+        rows: &[(i64, String)],
+        what: &'static str,
+    ) -> Result<(), OutboxError> {
+        if rows.is_empty() {
             return Ok(());
         }
         let (ids, errors): (Vec<i64>, Vec<&str>) =
-            failures.iter().map(|(id, e)| (*id, e.as_str())).unzip();
-        sqlx::query(AssertSqlSafe(self.fail_sql.clone()))
+            rows.iter().map(|(id, e)| (*id, e.as_str())).unzip();
+        sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(ids)
             .bind(errors)
             .execute(&self.pool)
             .await
-            .map_err(OutboxError::query("recording failed publish attempts"))?;
+            .map_err(OutboxError::query(what))?;
         Ok(())
     }
 
-    /// Counts for `check`: (undelivered rows, delivered rows).
-    pub async fn counts(&self) -> Result<(i64, i64), OutboxError> {
+    /// Counts for `check`: (pending, delivered, failed) rows.
+    pub async fn counts(&self) -> Result<(i64, i64, i64), OutboxError> {
         let sql = format!(
-            "SELECT count(*) FILTER (WHERE delivered_at IS NULL), \
-                    count(*) FILTER (WHERE delivered_at IS NOT NULL) FROM {}",
+            "SELECT count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NULL), \
+                    count(*) FILTER (WHERE delivered_at IS NOT NULL), \
+                    count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NOT NULL) FROM {}",
             self.table.qualified()
         );
         sqlx::query_as(AssertSqlSafe(sql))

@@ -4,14 +4,14 @@
 //! delivery reports are collected. librdkafka keeps per-partition order with the idempotent
 //! producer, so rows sent in id order reach each partition in id order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::time::Instant;
 
 use crate::acks::Tracker;
@@ -24,6 +24,9 @@ use crate::shutdown::Shutdown;
 
 /// Header names posthorn sets on every record; a row's own `headers` may not use them.
 pub const RESERVED_HEADERS: [&str; 4] = ["event-id", "event-type", "aggregate-type", "outbox-id"];
+
+/// How often a waiting batch checks whether the producer died of a fatal error.
+const FATAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// posthorn's producer defaults, applied before the user's `POSTHORN_KAFKA_*` properties.
 const DEFAULTS: &[(&str, &str)] = &[
@@ -97,18 +100,22 @@ impl Publisher {
     }
 
     /// Sends the rows allowed by `tracker` and records each one's outcome in it. Returns when
-    /// every sent record has its delivery report, or `grace` after `shutdown` fired, with the
-    /// number of records Kafka (not posthorn's own checks) failed.
+    /// every sent record has its delivery report, or `grace` after `shutdown` fired.
     pub async fn publish(
         &self,
         rows: &[OutboxRow],
         tracker: &mut Tracker<'_>,
         shutdown: &mut Shutdown,
         grace: Duration,
-    ) -> usize {
-        let mut n_kafka_failures = 0;
+    ) -> PublishReport {
+        // A batch-level rejection names the row only when the row was sent alone.
+        let alone = rows.len() == 1;
+        let mut report = PublishReport::default();
         let mut pending = FuturesUnordered::new();
-        for (i, row) in rows.iter().enumerate() {
+        // Per aggregate: the last row sent and its topic.
+        let mut last_sent: HashMap<(&str, &str), (usize, String)> = HashMap::new();
+        let mut purged = false;
+        'send: for (i, row) in rows.iter().enumerate() {
             if !tracker.may_send(i) {
                 tracker.withhold(i);
                 continue;
@@ -116,10 +123,35 @@ impl Publisher {
             let (topic, headers) = match self.prepare(row) {
                 Ok(prepared) => prepared,
                 Err(problem) => {
-                    tracker.fail(i, problem);
+                    tracker.poison(i, problem);
                     continue;
                 }
             };
+            let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+            // Within one partition the idempotent producer never writes a record after an
+            // earlier one failed. Across topics nothing does: so a row bound for another topic
+            // than its aggregate's previous row waits until that row is acknowledged.
+            if let Some((j, previous_topic)) = last_sent.get(&aggregate) {
+                let j = *j;
+                if *previous_topic != topic {
+                    while !tracker.is_settled(j) {
+                        tokio::select! {
+                            next = pending.next() => match next {
+                                Some((k, delivery)) => report.add(settle(tracker, k, delivery, alone)),
+                                None => break,
+                            },
+                            _ = shutdown.triggered() => break 'send,
+                            _ = tokio::time::sleep(FATAL_CHECK_INTERVAL) => {
+                                self.purge_if_fatal(&mut purged);
+                            }
+                        }
+                    }
+                    if !tracker.may_send(i) {
+                        tracker.withhold(i);
+                        continue;
+                    }
+                }
+            }
             let mut record = FutureRecord::<[u8], [u8]>::to(&topic)
                 .key(row.aggregate_id.as_bytes())
                 .headers(headers);
@@ -130,19 +162,21 @@ impl Publisher {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
                         pending.push(async move { (i, delivery.await) });
+                        last_sent.insert(aggregate, (i, topic));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         // librdkafka's queue is full: wait for a delivery report to free room.
                         record = back;
                         match pending.next().await {
-                            Some((j, report)) => n_kafka_failures += settle(tracker, j, report),
+                            Some((j, delivery)) => report.add(settle(tracker, j, delivery, alone)),
                             None => tokio::time::sleep(Duration::from_millis(10)).await,
                         }
                     }
                     Err((err, _)) => {
-                        tracker.fail(i, describe(&err));
-                        n_kafka_failures += 1;
+                        // librdkafka refused the record itself (e.g. larger than
+                        // message.max.bytes): a verdict on this record alone.
+                        report.add(record_failure(tracker, i, &err, true));
                         break;
                     }
                 }
@@ -150,17 +184,31 @@ impl Publisher {
         }
 
         let mut deadline: Option<Instant> = None;
+        if shutdown.is_triggered() {
+            deadline = Some(Instant::now() + grace);
+        }
         while !pending.is_empty() {
             let stop_at = deadline.unwrap_or_else(Instant::now);
             tokio::select! {
-                Some((j, report)) = pending.next() => n_kafka_failures += settle(tracker, j, report),
+                Some((j, delivery)) = pending.next() => report.add(settle(tracker, j, delivery, alone)),
                 _ = shutdown.triggered(), if deadline.is_none() => {
                     deadline = Some(Instant::now() + grace);
                 }
                 _ = tokio::time::sleep_until(stop_at), if deadline.is_some() => break,
+                _ = tokio::time::sleep(FATAL_CHECK_INTERVAL) => self.purge_if_fatal(&mut purged),
             }
         }
-        n_kafka_failures
+        report
+    }
+
+    /// After a fatal error librdkafka produces nothing more, and records never time out here:
+    /// purge them so that their delivery reports (failures) arrive and the batch settles.
+    fn purge_if_fatal(&self, purged: &mut bool) {
+        if !*purged && self.producer.client().fatal_error().is_some() {
+            self.producer
+                .purge(PurgeConfig::default().queue().inflight().non_blocking());
+            *purged = true;
+        }
     }
 
     /// The topic and headers for a row, or why Kafka could never accept it.
@@ -189,6 +237,83 @@ impl Publisher {
             headers = headers.insert(header(name, value));
         }
         Ok((topic, headers))
+    }
+
+    /// Publishes poison rows to the dead-letter topic: the row's key, value (unless `payload`
+    /// is [`DeadLetterPayload::Omit`]: header `posthorn-payload-omitted: true`) and headers, plus
+    /// `posthorn-error` and `posthorn-original-topic`. Returns, per row, whether it got there.
+    pub async fn dead_letter(
+        &self,
+        rows: &[(&OutboxRow, &str)],
+        topic: &str,
+        payload: DeadLetterPayload,
+    ) -> Vec<Result<(), DeadLetterError>> {
+        let mut results = Vec::with_capacity(rows.len());
+        for (row, error) in rows {
+            let result = self
+                .dead_letter_one(row, error, topic, payload == DeadLetterPayload::Keep)
+                .await;
+            results.push(result.map_err(|err| DeadLetterError {
+                too_large: matches!(
+                    err.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                            | RDKafkaErrorCode::MessageBatchTooLarge
+                            | RDKafkaErrorCode::InvalidMessageSize
+                    )
+                ),
+                message: describe(&err),
+            }));
+        }
+        results
+    }
+
+    async fn dead_letter_one(
+        &self,
+        row: &OutboxRow,
+        error: &str,
+        topic: &str,
+        with_payload: bool,
+    ) -> Result<(), KafkaError> {
+        let original_topic = match &row.topic {
+            Some(t) => t.clone(),
+            None => self
+                .topic_template
+                .render(&row.aggregate_type, &row.event_type),
+        };
+        let event_id = row.event_id.hyphenated().to_string();
+        let outbox_id = row.id.to_string();
+        let mut headers = OwnedHeaders::new()
+            .insert(header("event-id", &event_id))
+            .insert(header("event-type", &row.event_type))
+            .insert(header("aggregate-type", &row.aggregate_type))
+            .insert(header("outbox-id", &outbox_id))
+            .insert(header("posthorn-error", error))
+            .insert(header("posthorn-original-topic", &original_topic));
+        // The row's own headers may be what made it poison: copy them only when they parse.
+        if let Some(Ok(own)) = row.headers.as_deref().map(parse_headers) {
+            for (name, value) in &own {
+                headers = headers.insert(header(name, value));
+            }
+        }
+        let payload = row.payload.as_deref().filter(|_| with_payload);
+        if row.payload.is_some() && payload.is_none() {
+            headers = headers.insert(header("posthorn-payload-omitted", "true"));
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            .key(row.aggregate_id.as_bytes())
+            .headers(headers);
+        if let Some(payload) = payload {
+            record = record.payload(payload.as_bytes());
+        }
+        match self.producer.send_result(record) {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((err, _))) => Err(err),
+                Err(_) => Err(KafkaError::Canceled),
+            },
+            Err((err, _)) => Err(err),
+        }
     }
 
     /// Asks the cluster for its metadata (brokers, topics), as `check` does.
@@ -274,24 +399,105 @@ type Report = Result<
     futures::channel::oneshot::Canceled,
 >;
 
-/// Records a delivery report in the tracker; returns 1 if Kafka failed the record, else 0.
-fn settle(tracker: &mut Tracker<'_>, i: usize, report: Report) -> usize {
+/// Whether a dead-letter record carries the row's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterPayload {
+    Keep,
+    Omit,
+}
+
+/// Why a row did not reach the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetterError {
+    /// The record was refused as too large: try again without the payload.
+    pub too_large: bool,
+    pub message: String,
+}
+
+/// What went wrong in a batch, beyond each row's outcome.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PublishReport {
+    /// Records Kafka failed for reasons that may pass (including a fatal producer error): the
+    /// producer must be replaced before the next batch.
+    pub n_transient: usize,
+    /// Records failed by a rejection of their whole record batch (too large, invalid): one of
+    /// the batch's rows is poison, but which is known only once each is sent alone.
+    pub n_suspect: usize,
+}
+
+impl PublishReport {
+    fn add(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Acked | Verdict::Poison => {}
+            Verdict::Transient => self.n_transient += 1,
+            Verdict::Suspect => self.n_suspect += 1,
+        }
+    }
+}
+
+/// How one record's delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Acked,
+    Transient,
+    Suspect,
+    Poison,
+}
+
+/// Records a delivery report in the tracker.
+fn settle(tracker: &mut Tracker<'_>, i: usize, report: Report, alone: bool) -> Verdict {
     match report {
         Ok(Ok(_delivery)) => {
             tracker.ack(i);
-            0
+            Verdict::Acked
         }
-        Ok(Err((err, _message))) => {
-            tracker.fail(i, describe(&err));
-            1
-        }
+        Ok(Err((err, _message))) => record_failure(tracker, i, &err, alone),
         Err(_canceled) => {
             tracker.fail(
                 i,
                 "the producer closed before the record's delivery report".to_owned(),
             );
-            1
+            Verdict::Transient
         }
+    }
+}
+
+/// Classifies a failed record and records it in the tracker. `about_this_record` says the
+/// error is a verdict on this record alone (it was refused locally, or sent alone).
+fn record_failure(
+    tracker: &mut Tracker<'_>,
+    i: usize,
+    err: &KafkaError,
+    about_this_record: bool,
+) -> Verdict {
+    let verdict = classify(err.rdkafka_error_code(), about_this_record);
+    match verdict {
+        Verdict::Poison => tracker.poison(i, describe(err)),
+        _ => tracker.fail(i, describe(err)),
+    }
+    verdict
+}
+
+fn classify(code: Option<RDKafkaErrorCode>, about_this_record: bool) -> Verdict {
+    use RDKafkaErrorCode as C;
+    match code {
+        // Decided per topic: every record for that topic would fail the same way.
+        Some(C::UnknownTopic | C::UnknownTopicOrPartition | C::InvalidTopic) => Verdict::Poison,
+        // Decided per record batch: poison only when the batch held this record alone.
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::MessageBatchTooLarge
+            | C::InvalidRecord
+            | C::InvalidMessage,
+        ) => {
+            if about_this_record {
+                Verdict::Poison
+            } else {
+                Verdict::Suspect
+            }
+        }
+        _ => Verdict::Transient,
     }
 }
 
@@ -313,6 +519,36 @@ mod tests {
         assert!(parse_headers(r#"["a"]"#).is_err());
         let err = parse_headers(r#"{"event-id": "x"}"#).expect_err("reserved");
         assert!(err.contains("reserved name 'event-id'"), "{err}");
+    }
+
+    #[test]
+    fn batch_level_rejections_are_poison_only_for_a_record_sent_alone() {
+        use RDKafkaErrorCode as C;
+        assert_eq!(
+            classify(Some(C::MessageSizeTooLarge), false),
+            Verdict::Suspect
+        );
+        assert_eq!(
+            classify(Some(C::MessageSizeTooLarge), true),
+            Verdict::Poison
+        );
+        assert_eq!(
+            classify(Some(C::UnknownTopicOrPartition), false),
+            Verdict::Poison
+        );
+        assert_eq!(
+            classify(Some(C::NotEnoughReplicas), true),
+            Verdict::Transient
+        );
+        assert_eq!(
+            classify(Some(C::OutOfOrderSequenceNumber), true),
+            Verdict::Transient
+        );
+        assert_eq!(
+            classify(Some(C::TopicAuthorizationFailed), true),
+            Verdict::Transient
+        );
+        assert_eq!(classify(None, true), Verdict::Transient);
     }
 
     #[test]

@@ -10,10 +10,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::acks::{Deliverable, Tracker};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, PoisonPolicy};
 use crate::events;
-use crate::outbox::{Outbox, OutboxError};
-use crate::publisher::{Publisher, PublisherError};
+use crate::outbox::{Outbox, OutboxError, OutboxRow};
+use crate::publisher::{DeadLetterPayload, Publisher, PublisherError};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
 
@@ -49,7 +49,7 @@ pub struct RelayStats {
 /// Errors only for settings that can never work (an invalid Kafka property, an unparsable
 /// database URL), before any row is read.
 pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, RelayError> {
-    let outbox = Outbox::connect_lazy(&config.database, &config.outbox)?;
+    let outbox = Outbox::connect_lazy(&config.database, &config.outbox, config.on_poison)?;
     // Created up front so that an invalid Kafka property is a start-up error, not a retry loop.
     let mut publisher = Some(Publisher::idempotent(
         &config.kafka,
@@ -68,10 +68,13 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
     let mut n_unacknowledged = 0;
     let mut db_backoff = Backoff::new();
     let mut kafka_backoff = Backoff::new();
+    // Rows still to be sent one at a time, after a record batch was rejected as a whole.
+    let mut n_isolated: usize = 0;
     while !shutdown.is_triggered() {
+        let limit = if n_isolated > 0 { 1 } else { config.batch_size };
         let fetched = tokio::select! {
             _ = shutdown.triggered() => break,
-            fetched = outbox.fetch_batch(config.batch_size) => fetched,
+            fetched = outbox.fetch_batch(limit) => fetched,
         };
         let rows = match fetched {
             Ok(rows) => {
@@ -91,6 +94,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             }
         };
         if rows.is_empty() {
+            n_isolated = 0;
             // LISTEN was set up before this read, so a commit after it has already stored a
             // wake-up permit: no notification can fall between the read and the wait.
             tokio::select! {
@@ -119,8 +123,8 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
         };
 
         let started = Instant::now();
-        let mut tracker = Tracker::new(&rows);
-        let n_kafka_failures = producer
+        let mut tracker = Tracker::new(&rows, config.on_poison);
+        let report = producer
             .publish(&rows, &mut tracker, &mut shutdown, config.shutdown_timeout)
             .await;
         let settled = tracker.finish();
@@ -130,7 +134,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
         events::BatchPublished {
             n_rows: rows.len(),
             n_marked,
-            n_failed: settled.failed.len(),
+            n_failed: settled.failed.len() + settled.poisoned.len(),
             n_held: settled.n_held,
             elapsed: started.elapsed(),
         }
@@ -142,7 +146,32 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             }
             .emit();
         }
-        if let Err(err) = outbox.record_failures(&settled.failed).await {
+        n_isolated = n_isolated.saturating_sub(1);
+        if report.n_suspect > 0 && n_isolated == 0 {
+            // One row of a rejected record batch is poison; send the batch's unsettled rows one
+            // at a time to find which, rather than failing its innocent neighbours.
+            n_isolated = settled.failed.len() + settled.n_held;
+            events::IsolatingRows { n_rows: n_isolated }.emit();
+        }
+
+        // A record Kafka failed may have left a gap behind which later records of its partition
+        // were written, and a fatal error leaves the producer unusable: replace it (new producer
+        // id, fresh sequence numbers); the next read resumes from the oldest undelivered row.
+        let fatal = producer.fatal_error();
+        if report.n_transient > 0 || report.n_suspect > 0 || fatal.is_some() {
+            let reason = fatal
+                .or_else(|| settled.failed.first().map(|(_, e)| e.clone()))
+                .unwrap_or_default();
+            producer.close().await;
+            events::ProducerReplaced { reason: &reason }.emit();
+        } else {
+            publisher = Some(producer);
+        }
+
+        let mut failed = settled.failed;
+        let poisoned =
+            settle_poison(&rows, settled.poisoned, &mut publisher, config, &mut failed).await;
+        if let Err(err) = outbox.record_failures(&failed).await {
             events::DatabaseFailed {
                 error: &err,
                 retry_in: Duration::ZERO,
@@ -150,30 +179,17 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             }
             .emit();
         }
-
-        if n_kafka_failures > 0 {
-            // A record Kafka failed may have left a gap behind which later records of its
-            // partition were written, and a fatal error leaves the producer unusable: start over
-            // with a new producer (new producer id, fresh sequence numbers) from the oldest
-            // undelivered row.
-            let reason = producer
-                .fatal_error()
-                .or_else(|| settled.failed.first().map(|(_, e)| e.clone()))
-                .unwrap_or_default();
-            producer.close().await;
-            let retry_in = kafka_backoff.next_delay();
-            events::ProducerReplaced {
-                reason: &reason,
-                retry_in,
+        if let Err(err) = outbox.mark_failed(&poisoned).await {
+            events::DatabaseFailed {
+                error: &err,
+                retry_in: Duration::ZERO,
+                missing_table: false,
             }
             .emit();
-            sleep_unless_stopped(retry_in, &mut shutdown).await;
-            continue;
         }
-        publisher = Some(producer);
-        if !settled.failed.is_empty() && n_marked == 0 {
-            // Only rows that fail posthorn's own checks are left: wait before trying them again
-            // rather than spinning on them.
+        if report.n_transient > 0 || (!failed.is_empty() && n_marked == 0 && poisoned.is_empty()) {
+            // Kafka is failing records, or nothing but retries is left: wait before trying
+            // again rather than spinning.
             sleep_unless_stopped(kafka_backoff.next_delay(), &mut shutdown).await;
         } else {
             kafka_backoff.reset();
@@ -191,6 +207,104 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
     }
     .emit();
     Ok(stats)
+}
+
+/// Applies `POSTHORN_ON_POISON` to rows Kafka will never accept. Returns the rows to mark
+/// failed, with the reason. With a dead-letter topic, a row is marked failed only once the
+/// dead-letter topic has it (without its payload if that is what made it too large); a row that
+/// could not be dead-lettered joins `retry` instead.
+async fn settle_poison(
+    rows: &[OutboxRow],
+    poisoned: Vec<(i64, String)>,
+    publisher: &mut Option<Publisher>,
+    config: &Config,
+    retry: &mut Vec<(i64, String)>,
+) -> Vec<(i64, String)> {
+    let dead_letter_topic = match (&config.dead_letter_topic, config.on_poison) {
+        (Some(topic), PoisonPolicy::DeadLetter) if !poisoned.is_empty() => topic.as_str(),
+        _ => {
+            for (outbox_id, reason) in &poisoned {
+                events::RowPoisoned {
+                    outbox_id: *outbox_id,
+                    reason,
+                    policy: config.on_poison,
+                    dead_letter_topic: None,
+                }
+                .emit();
+            }
+            return poisoned;
+        }
+    };
+    let mut pending: Vec<(&OutboxRow, &str)> = poisoned
+        .iter()
+        .filter_map(|(id, reason)| {
+            rows.iter()
+                .find(|r| r.id == *id)
+                .map(|r| (r, reason.as_str()))
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for payload in [DeadLetterPayload::Keep, DeadLetterPayload::Omit] {
+        if pending.is_empty() {
+            break;
+        }
+        ensure_usable_producer(publisher, config).await;
+        let Some(producer) = publisher.as_ref() else {
+            break;
+        };
+        let results = producer
+            .dead_letter(&pending, dead_letter_topic, payload)
+            .await;
+        let mut too_large = Vec::new();
+        for ((row, reason), result) in pending.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    events::RowPoisoned {
+                        outbox_id: row.id,
+                        reason,
+                        policy: config.on_poison,
+                        dead_letter_topic: Some(dead_letter_topic),
+                    }
+                    .emit();
+                    failed.push((
+                        row.id,
+                        format!("{reason} (dead-lettered to {dead_letter_topic})"),
+                    ));
+                }
+                Err(err) if err.too_large && payload == DeadLetterPayload::Keep => {
+                    too_large.push((row, reason));
+                }
+                Err(err) => retry.push((
+                    row.id,
+                    format!(
+                        "{reason}; publishing to the dead-letter topic failed: {}",
+                        err.message
+                    ),
+                )),
+            }
+        }
+        pending = too_large;
+    }
+    retry.extend(pending.into_iter().map(|(row, reason)| {
+        (
+            row.id,
+            format!("{reason}; not yet dead-lettered: no usable producer"),
+        )
+    }));
+    failed
+}
+
+/// Replaces a producer that a fatal error stopped (or creates one if there is none).
+async fn ensure_usable_producer(publisher: &mut Option<Publisher>, config: &Config) {
+    if let Some(reason) = publisher.as_ref().and_then(Publisher::fatal_error) {
+        if let Some(old) = publisher.take() {
+            old.close().await;
+        }
+        events::ProducerReplaced { reason: &reason }.emit();
+    }
+    if publisher.is_none() {
+        *publisher = Publisher::idempotent(&config.kafka, &config.topic_template).ok();
+    }
 }
 
 /// Marks acknowledged rows, retrying while Postgres is unavailable. A row that stays unmarked

@@ -169,6 +169,11 @@ pub struct RunningRelay {
 
 impl RunningRelay {
     pub fn start(config: Config) -> RunningRelay {
+        // In-process relays log to the test's output (shown for failing tests); RUST_LOG filters.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .with_test_writer()
+            .try_init();
         let (trigger, shutdown) = Shutdown::new();
         let task = tokio::spawn(async move { relay::run(&config, shutdown).await });
         RunningRelay { trigger, task }
