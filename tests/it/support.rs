@@ -308,7 +308,17 @@ impl Record {
 /// `at_least` records arrived AND every partition is read to its high watermark, so records
 /// beyond the expected ones are seen too. Panics after `timeout`.
 pub async fn read_topic(topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
-    let brokers = services().brokers.clone();
+    read_topic_at(&services().brokers, topic, at_least, timeout).await
+}
+
+/// [`read_topic`] on another cluster (a private broker, rdkafka's MockCluster).
+pub async fn read_topic_at(
+    brokers: &str,
+    topic: &str,
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let brokers = brokers.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || read_topic_blocking(&brokers, &topic, at_least, timeout))
         .await
@@ -407,6 +417,74 @@ fn read_topic_blocking(
             headers,
         });
     }
+}
+
+/// Each key's `version` values, in consumption order (one key lives in one partition, so this is
+/// Kafka's order for that key).
+pub fn versions_per_key(records: &[Record]) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let mut per_key: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for r in records {
+        per_key
+            .entry(r.key.clone().expect("key"))
+            .or_default()
+            .push(r.value_json()["version"].as_i64().expect("version"));
+    }
+    per_key
+}
+
+/// Asserts every key has every version 1..=n_per_key, new versions in order, repeats only of
+/// versions already seen. Returns the number of repeats (duplicates).
+pub fn assert_complete_and_ordered(records: &[Record], n_keys: usize, n_per_key: usize) -> usize {
+    let per_key = versions_per_key(records);
+    assert_eq!(per_key.len(), n_keys, "every key arrived");
+    let mut duplicates = 0;
+    for (key, versions) in &per_key {
+        duplicates += check_key_order(versions).unwrap_or_else(|e| panic!("key {key}: {e}"));
+        let distinct: std::collections::HashSet<i64> = versions.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            n_per_key,
+            "key {key}: every version arrived"
+        );
+    }
+    assert_eq!(records.len(), n_keys * n_per_key + duplicates);
+    duplicates
+}
+
+/// Writes `n_events` versioned events over `keys` from `n_writers` concurrent writers; returns
+/// when all are committed.
+pub fn spawn_writers(
+    pool: &PgPool,
+    aggregate_type: &str,
+    keys: &[String],
+    n_events: usize,
+    n_writers: usize,
+) -> tokio::task::JoinHandle<()> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..n_writers)
+        .map(|w| {
+            let (pool, next, keys, aggregate_type) = (
+                pool.clone(),
+                next.clone(),
+                keys.to_vec(),
+                aggregate_type.to_owned(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if j >= n_events {
+                        break;
+                    }
+                    write_versioned_event(&pool, &aggregate_type, &keys[j % keys.len()], w).await;
+                }
+            })
+        })
+        .collect();
+    tokio::spawn(async move {
+        for t in tasks {
+            t.await.expect("writer");
+        }
+    })
 }
 
 /// Checks a key's sequence of versions as consumed: every new version arrives in order
