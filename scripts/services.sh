@@ -15,6 +15,8 @@
 #   POSTHORN_STATE_DIR   logs and pid files (default /tmp/posthorn-services)
 #   POSTHORN_PG_PORT     PostgreSQL port (default 5432)
 #   POSTHORN_BROKER_PORT broker port (default 9092)
+#   POSTHORN_RESTART_PG_PORT port of a second PostgreSQL cluster, "posthorn_restart", that tests
+#                        stop and start (default 5433): restarting it disturbs no other test
 set -euo pipefail
 
 NISSHI_VERSION=0.8.1
@@ -23,6 +25,8 @@ TOOLS_DIR=${POSTHORN_TOOLS_DIR:-$default_tools}
 STATE_DIR=${POSTHORN_STATE_DIR:-/tmp/posthorn-services}
 PG_PORT=${POSTHORN_PG_PORT:-5432}
 BROKER_PORT=${POSTHORN_BROKER_PORT:-9092}
+RESTART_PG_PORT=${POSTHORN_RESTART_PG_PORT:-5433}
+RESTART_CLUSTER=posthorn_restart
 NISSHI="$TOOLS_DIR/bin/nisshi"
 
 log() { echo "services: $*" >&2; }
@@ -71,6 +75,22 @@ ensure_postgres() {
   sudo_maybe su postgres -c "psql -q -p $PG_PORT -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
 }
 
+pg_version() { pg_lsclusters --no-header | head -n 1 | awk '{print $1}'; }
+
+ensure_restartable_postgres() {
+  local version
+  version=$(pg_version)
+  if ! pg_lsclusters --no-header | awk -v c="$RESTART_CLUSTER" '$2==c' | grep -q .; then
+    log "creating PostgreSQL cluster $version/$RESTART_CLUSTER on port $RESTART_PG_PORT (for restart tests)"
+    sudo_maybe pg_createcluster "$version" "$RESTART_CLUSTER" --port "$RESTART_PG_PORT" >/dev/null
+  fi
+  if ! port_open "$RESTART_PG_PORT"; then
+    sudo_maybe pg_ctlcluster --skip-systemctl-redirect "$version" "$RESTART_CLUSTER" start >&2
+  fi
+  wait_port "$RESTART_PG_PORT" 30 "PostgreSQL ($RESTART_CLUSTER)"
+  sudo_maybe su postgres -c "psql -q -p $RESTART_PG_PORT -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
+}
+
 rustc_is_at_least() { # minor version of 1.x
   local v
   v=$(rustc --version | awk '{print $2}')
@@ -113,6 +133,8 @@ print_env() {
 export POSTHORN_TEST_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$PG_PORT/postgres
 export POSTHORN_TEST_KAFKA_BROKERS=127.0.0.1:$BROKER_PORT
 export POSTHORN_NISSHI=$NISSHI
+export POSTHORN_TEST_RESTARTABLE_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$RESTART_PG_PORT/postgres
+export POSTHORN_TEST_RESTART_POSTGRES="pg_ctlcluster --skip-systemctl-redirect $(pg_version) $RESTART_CLUSTER"
 EOF
 }
 
@@ -120,6 +142,7 @@ case "${1:-up}" in
   up)
     ensure_build_deps
     ensure_postgres
+    ensure_restartable_postgres
     ensure_broker_installed
     ensure_broker_running
     log "PostgreSQL on 127.0.0.1:$PG_PORT and the broker on 127.0.0.1:$BROKER_PORT are up"

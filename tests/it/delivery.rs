@@ -285,3 +285,53 @@ async fn a_row_committed_after_a_later_row_is_still_published() {
         "commit order: B, then A"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_held_open_does_not_stall_other_transactions_rows() {
+    let db = TestDb::create("long_tx").await;
+    let topic = unique("it-long-tx");
+    create_topic(&topic, 2).await;
+    let relay = RunningRelay::start(config(&db.url, &[]));
+    let insert = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                  VALUES ($1, $2, 'E', jsonb_build_object('n', $3::int))";
+    // Open for the whole test, holding an outbox row of its own (the smallest id).
+    let mut long = db.pool.begin().await.expect("begin");
+    sqlx::query(insert)
+        .bind(&topic)
+        .bind("slow")
+        .bind(-1)
+        .execute(&mut *long)
+        .await
+        .expect("insert in the long transaction");
+    for n in 0..500i32 {
+        sqlx::query(insert)
+            .bind(&topic)
+            .bind(format!("k{}", n % 10))
+            .bind(n)
+            .execute(&db.pool)
+            .await
+            .expect("insert");
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the other 500 rows are delivered",
+        || async { db.undelivered().await == 0 },
+    )
+    .await;
+    let records = read_topic(&topic, 500, Duration::from_secs(30)).await;
+    assert_eq!(
+        records.len(),
+        500,
+        "all of them, while the long transaction is still open"
+    );
+    long.commit().await.expect("commit the long transaction");
+    wait_until(
+        Duration::from_secs(30),
+        "its row is delivered too",
+        || async { db.undelivered().await == 0 },
+    )
+    .await;
+    relay.stop().await;
+    let records = read_topic(&topic, 501, Duration::from_secs(30)).await;
+    assert_eq!(records.len(), 501);
+}

@@ -5,4 +5,5 @@ mod delivery;
 mod faults;
 mod poison;
 mod process;
+mod restarts;
 mod support;

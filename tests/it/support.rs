@@ -99,11 +99,15 @@ impl TestDb {
 
     /// `vars` are extra POSTHORN_* settings for the migration (schema, table).
     pub async fn create_with(test: &str, vars: &[(&str, &str)]) -> TestDb {
-        let services = services();
+        TestDb::create_on(&services().admin_url, test, vars).await
+    }
+
+    /// A database on another server, given by its admin URL.
+    pub async fn create_on(admin_url: &str, test: &str, vars: &[(&str, &str)]) -> TestDb {
         let name = unique(&format!("posthorn_t_{test}"));
         let admin = PgPoolOptions::new()
             .max_connections(1)
-            .connect(&services.admin_url)
+            .connect(admin_url)
             .await
             .expect("connecting to the admin database");
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
@@ -111,7 +115,7 @@ impl TestDb {
             .await
             .expect("creating the test database");
         admin.close().await;
-        let url = with_database(&services.admin_url, &name);
+        let url = with_database(admin_url, &name);
         let config = config(&url, vars);
         posthorn::migrate::run(&config.database, &config.outbox)
             .await
@@ -266,8 +270,12 @@ where
 }
 
 pub async fn create_topic(topic: &str, partitions: i32) {
+    create_topic_at(&services().brokers, topic, partitions).await
+}
+
+pub async fn create_topic_at(brokers: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &services().brokers)
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let results = admin
@@ -555,4 +563,88 @@ pub async fn create_aggregates(pool: &PgPool, ids: &[String]) {
         .execute(pool)
         .await
         .expect("insert aggregates");
+}
+
+/// A broker of the test's own (nisshi, the binary in `POSTHORN_NISSHI`), on a free port, so a
+/// test can stop and start it without disturbing the others. Killed when dropped.
+pub struct PrivateBroker {
+    port: u16,
+    storage: String,
+    child: Option<Child>,
+}
+
+impl PrivateBroker {
+    /// `storage` is nisshi's `--storage-engine`: `memory://nisshi/`, or a `postgres://` URL of
+    /// an empty database so that records survive a restart.
+    pub async fn start(storage: &str) -> PrivateBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut broker = PrivateBroker {
+            port,
+            storage: storage.to_owned(),
+            child: None,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker (again) on the same port and storage; returns once it accepts
+    /// connections.
+    pub async fn restart(&mut self) {
+        let nisshi = std::env::var("POSTHORN_NISSHI")
+            .expect("POSTHORN_NISSHI names the broker binary (scripts/services.sh env prints it)");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("broker-{}.log", self.port)),
+        )
+        .expect("broker log");
+        let child = Command::new(nisshi)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args([
+                "--storage-engine",
+                &self.storage,
+                "--group-initial-rebalance-delay",
+                "0s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the private broker");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        wait_until(
+            Duration::from_secs(30),
+            "the private broker listens",
+            || async { tokio::net::TcpStream::connect(&addr).await.is_ok() },
+        )
+        .await;
+    }
+
+    /// SIGKILL: the broker dies without a chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
