@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Soak: >= 1,000,000 rows through the real relay while it is SIGKILLed at random (>= 50 times)
+# and restarted; prints rows lost, per-key order violations and duplicates, read from Kafka.
+#   bash scripts/soak.sh                       # the full soak (release build)
+#   bash scripts/soak.sh --rows 20000 --kills 5  # any options of examples/soak.rs
+# Not part of CI (scripts/test.sh runs a small one with the test build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(bash scripts/services.sh up)"
+cargo build --release --locked --bin posthorn --example soak
+exec target/release/examples/soak --posthorn target/release/posthorn "$@"
