@@ -57,7 +57,10 @@ async fn main() -> anyhow::Result<()> {
     let db_name = format!("posthorn_soak_{run_id}");
     let topic = format!("posthorn-soak-{run_id}");
 
-    let admin = PgPoolOptions::new().max_connections(1).connect(&args.database_url).await?;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&args.database_url)
+        .await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
         .execute(&admin)
         .await?;
@@ -71,14 +74,23 @@ async fn main() -> anyhow::Result<()> {
         ("POSTHORN_TOPIC_TEMPLATE", topic.as_str()),
         ("POSTHORN_BATCH_SIZE", &args.batch_size.to_string()),
         ("POSTHORN_LOG", "warn"),
+        // The restarted relay is the same instance: it takes its lease over at once.
+        ("POSTHORN_INSTANCE_ID", &format!("soak-{run_id}")),
     ]
     .map(|(k, v)| (k.to_owned(), v.to_owned()));
-    let status = Command::new(&args.posthorn).arg("migrate").envs(env.clone()).status()?;
+    let status = Command::new(&args.posthorn)
+        .arg("migrate")
+        .envs(env.clone())
+        .status()?;
     anyhow::ensure!(status.success(), "posthorn migrate failed");
-    let admin_client: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &args.brokers).create()?;
+    let admin_client: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .create()?;
     for r in admin_client
-        .create_topics(&[NewTopic::new(&topic, 6, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(&topic, 6, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
         .await?
     {
         r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
@@ -98,8 +110,13 @@ async fn main() -> anyhow::Result<()> {
     let per_writer = args.rows / args.writers;
     let mut writer_tasks = Vec::new();
     for w in 0..args.writers {
-        let (pool, written, keys, writers) = (pool.clone(), written.clone(), args.keys, args.writers);
-        let n = if w == args.writers - 1 { args.rows - per_writer * (args.writers - 1) } else { per_writer };
+        let (pool, written, keys, writers) =
+            (pool.clone(), written.clone(), args.keys, args.writers);
+        let n = if w == args.writers - 1 {
+            args.rows - per_writer * (args.writers - 1)
+        } else {
+            per_writer
+        };
         writer_tasks.push(tokio::spawn(async move {
             let own_keys: Vec<u64> = (0..keys).filter(|k| k % writers == w).collect();
             let mut versions: HashMap<u64, i64> = HashMap::new();
@@ -145,7 +162,8 @@ async fn main() -> anyhow::Result<()> {
     let mut peak_rss_kb = 0u64;
     let writers_done = || writer_tasks.iter().all(|t| t.is_finished());
     while kills < args.kills || !writers_done() {
-        let wait = rand::rng().random_range(args.max_kill_interval_ms / 10..=args.max_kill_interval_ms);
+        let wait =
+            rand::rng().random_range(args.max_kill_interval_ms / 10..=args.max_kill_interval_ms);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         peak_rss_kb = peak_rss_kb.max(peak_rss(relay.id()));
         relay.kill()?; // SIGKILL
@@ -163,30 +181,43 @@ async fn main() -> anyhow::Result<()> {
     for t in writer_tasks {
         t.await??;
     }
-    println!("soak: writers done ({} rows); draining with the relay alive", written.load(Ordering::Relaxed));
+    println!(
+        "soak: writers done ({} rows); draining with the relay alive",
+        written.load(Ordering::Relaxed)
+    );
     loop {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
-            .fetch_one(&pool)
-            .await?;
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
+                .fetch_one(&pool)
+                .await?;
         peak_rss_kb = peak_rss_kb.max(peak_rss(relay.id()));
         if pending == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Command::new("kill").args(["-TERM", &relay.id().to_string()]).status()?;
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()?;
     let status = relay.wait()?;
-    anyhow::ensure!(status.success(), "the final relay did not stop cleanly: {status}");
+    anyhow::ensure!(
+        status.success(),
+        "the final relay did not stop cleanly: {status}"
+    );
     let relay_secs = started.elapsed();
 
     // Read everything back and check it.
-    let (lost, order_violations, duplicates, consumed) =
-        tokio::task::spawn_blocking({
-            let (brokers, topic, keys, rows, writers) =
-                (args.brokers.clone(), topic.clone(), args.keys, args.rows, args.writers);
-            move || verify(&brokers, &topic, keys, rows, writers)
-        })
-        .await??;
+    let (lost, order_violations, duplicates, consumed) = tokio::task::spawn_blocking({
+        let (brokers, topic, keys, rows, writers) = (
+            args.brokers.clone(),
+            topic.clone(),
+            args.keys,
+            args.rows,
+            args.writers,
+        );
+        move || verify(&brokers, &topic, keys, rows, writers)
+    })
+    .await??;
     println!(
         "soak: {} rows, {kills} SIGKILLs, relay peak RSS {} MiB, {:.1?} until drained; {consumed} records consumed",
         args.rows,
@@ -196,7 +227,10 @@ async fn main() -> anyhow::Result<()> {
     println!("rows lost: {lost}");
     println!("per-key order violations: {order_violations}");
     println!("duplicates: {duplicates}");
-    anyhow::ensure!(lost == 0 && order_violations == 0, "the soak found lost rows or reordered keys");
+    anyhow::ensure!(
+        lost == 0 && order_violations == 0,
+        "the soak found lost rows or reordered keys"
+    );
     Ok(())
 }
 
@@ -214,15 +248,30 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 /// Returns (lost, order violations, duplicates, records consumed).
-fn verify(brokers: &str, topic: &str, keys: u64, rows: u64, writers: u64) -> anyhow::Result<(u64, u64, u64, u64)> {
+fn verify(
+    brokers: &str,
+    topic: &str,
+    keys: u64,
+    rows: u64,
+    writers: u64,
+) -> anyhow::Result<(u64, u64, u64, u64)> {
     // What each key should have: how many events the writers gave it.
     let mut expected: HashMap<String, i64> = HashMap::new();
     let per_writer = rows / writers;
     for w in 0..writers {
-        let n = if w == writers - 1 { rows - per_writer * (writers - 1) } else { per_writer };
+        let n = if w == writers - 1 {
+            rows - per_writer * (writers - 1)
+        } else {
+            per_writer
+        };
         let own_keys: Vec<u64> = (0..keys).filter(|k| k % writers == w).collect();
         for j in 0..n {
-            *expected.entry(format!("k{}", own_keys[(j % own_keys.len() as u64) as usize])).or_insert(0) += 1;
+            *expected
+                .entry(format!(
+                    "k{}",
+                    own_keys[(j % own_keys.len() as u64) as usize]
+                ))
+                .or_insert(0) += 1;
         }
     }
 
@@ -245,14 +294,23 @@ fn verify(brokers: &str, topic: &str, keys: u64, rows: u64, writers: u64) -> any
     let mut newest: HashMap<String, i64> = HashMap::new();
     let (mut order_violations, mut duplicates, mut consumed) = (0u64, 0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(600);
-    while ends.iter().any(|(p, high)| positions.get(p).copied().unwrap_or(0) < *high) {
-        anyhow::ensure!(Instant::now() < deadline, "reading the topic back took too long");
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else { continue };
+    while ends
+        .iter()
+        .any(|(p, high)| positions.get(p).copied().unwrap_or(0) < *high)
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reading the topic back took too long"
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
         let message = message?;
         positions.insert(message.partition(), message.offset() + 1);
         consumed += 1;
         let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
-        let value: serde_json::Value = serde_json::from_slice(message.payload().unwrap_or_default())?;
+        let value: serde_json::Value =
+            serde_json::from_slice(message.payload().unwrap_or_default())?;
         let version = value["version"].as_i64().unwrap_or(-1);
         let max_seen = newest.entry(key).or_insert(0);
         if version == *max_seen + 1 {

@@ -100,7 +100,12 @@ async fn run_check(config: &Config) -> anyhow::Result<()> {
         config.poll_interval.as_millis()
     );
 
-    let outbox = Outbox::connect_lazy(&config.database, &config.outbox, config.on_poison)?;
+    let outbox = Outbox::connect_lazy(
+        &config.database,
+        &config.outbox,
+        config.on_poison,
+        &config.instance_id,
+    )?;
     match tokio::time::timeout(TIMEOUT, outbox.server_version()).await {
         Ok(Ok(version)) => {
             println!(

@@ -57,6 +57,8 @@ struct RawEnv {
     log: Option<String>,
     on_poison: Option<String>,
     dead_letter_topic: Option<String>,
+    lease_ttl: Option<String>,
+    instance_id: Option<String>,
 }
 
 /// Names of the variables [`RawEnv`] knows, for the unknown-variable warning.
@@ -73,6 +75,8 @@ const KNOWN_VARS: &[&str] = &[
     "LOG",
     "ON_POISON",
     "DEAD_LETTER_TOPIC",
+    "LEASE_TTL",
+    "INSTANCE_ID",
 ];
 
 const EX_DATABASE_URL: &str = "postgres://posthorn:secret@127.0.0.1:5432/app";
@@ -96,6 +100,10 @@ pub struct Config {
     pub on_poison: PoisonPolicy,
     /// Where `dead-letter` publishes poison rows (none: they are only marked failed).
     pub dead_letter_topic: Option<String>,
+    /// The longest a standby waits to take over from a leader that died.
+    pub lease_ttl: Duration,
+    /// This instance's name in the lease (default: host name, process id and a random suffix).
+    pub instance_id: String,
     /// `POSTHORN_*` variables that posthorn does not know (typos, or injected by an orchestrator).
     pub unknown_vars: Vec<String>,
 }
@@ -177,6 +185,23 @@ impl Config {
             }
         };
 
+        let lease_ttl = match raw.lease_ttl.as_deref() {
+            None => Duration::from_secs(10),
+            Some(v) => parse_duration(v)
+                .filter(|d| *d >= Duration::from_secs(1) && *d <= Duration::from_secs(300))
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        "POSTHORN_LEASE_TTL",
+                        format!("'{v}' is not a duration from 1s to 300s (units: ms, s, m)"),
+                        "10s",
+                    )
+                })?,
+        };
+        let instance_id = match raw.instance_id.as_deref().map(str::trim) {
+            Some(id) if !id.is_empty() => id.to_owned(),
+            _ => default_instance_id(),
+        };
+
         let unknown_vars = vars
             .iter()
             .map(|(k, _)| k)
@@ -196,9 +221,43 @@ impl Config {
             log,
             on_poison,
             dead_letter_topic,
+            lease_ttl,
+            instance_id,
             unknown_vars,
         })
     }
+}
+
+/// `host-pid-rand`: unique per process, and says where it runs (in Kubernetes the host name is
+/// the pod's name).
+fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|| "posthorn".to_owned());
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    format!("{host}-{}-{suffix}", std::process::id())
+}
+
+/// `250ms`, `10s`, `5m`, `2h`, `7d`, or a bare number of seconds.
+pub fn parse_duration(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
 }
 
 fn required(
@@ -814,6 +873,23 @@ mod tests {
             ("POSTHORN_DEAD_LETTER_TOPIC", "x.dlq")
         ]))
         .is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration("s"), None);
+        let c = Config::from_vars(vars(&[("POSTHORN_LEASE_TTL", "3s")])).expect("valid");
+        assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        let msg = Config::from_vars(vars(&[("POSTHORN_LEASE_TTL", "500ms")]))
+            .expect_err("too short")
+            .to_string();
+        assert!(msg.starts_with("POSTHORN_LEASE_TTL: '500ms'"), "{msg}");
     }
 
     #[test]

@@ -213,3 +213,64 @@ impl RelayStopped {
         );
     }
 }
+
+pub struct LeadershipAcquired<'a> {
+    pub owner: &'a str,
+    pub epoch: i64,
+}
+impl LeadershipAcquired<'_> {
+    pub fn emit(self) {
+        info!(
+            owner = self.owner,
+            epoch = self.epoch,
+            "Acquired the lease: this instance now publishes."
+        );
+    }
+}
+
+pub struct LeadershipLost<'a> {
+    pub epoch: i64,
+    pub reason: &'a str,
+}
+impl LeadershipLost<'_> {
+    pub fn emit(self) {
+        warn!(
+            epoch = self.epoch,
+            reason = self.reason,
+            "Lost the lease: this instance stops publishing and stands by."
+        );
+    }
+}
+
+pub struct LeaseReleased {
+    pub epoch: i64,
+}
+impl LeaseReleased {
+    pub fn emit(self) {
+        info!(
+            epoch = self.epoch,
+            "Released the lease: a standby takes over at its next poll."
+        );
+    }
+}
+
+pub struct LeaseFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+}
+impl LeaseFailed<'_> {
+    pub fn emit(self) {
+        warn!(error = %self.error, "A lease statement failed; retrying.");
+    }
+}
+
+pub struct StandingBy<'a> {
+    pub owner: &'a str,
+}
+impl StandingBy<'_> {
+    pub fn emit(self) {
+        info!(
+            owner = self.owner,
+            "Standing by: another instance holds the lease."
+        );
+    }
+}

@@ -8,6 +8,7 @@
 //! - [`outbox`]: the only SQL on the outbox table (read, mark, record failures, LISTEN).
 //! - [`publisher`]: the only rdkafka code (row → record, pipelined send, delivery reports).
 //! - [`acks`]: which acknowledged rows may be marked (per-aggregate order).
+//! - [`lease`]: one publisher per outbox (a lease row with an epoch).
 //! - [`relay`]: the loop that ties them together.
 //! - [`migrate`]: the outbox schema, applied by `posthorn migrate`.
 //! - [`cli`], [`events`], [`retry`], [`shutdown`]: the edges.
@@ -18,6 +19,7 @@ pub mod acks;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod lease;
 pub mod migrate;
 pub mod outbox;
 pub mod publisher;

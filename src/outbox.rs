@@ -81,19 +81,22 @@ impl Outbox {
         database: &DatabaseConfig,
         table: &OutboxTable,
         policy: PoisonPolicy,
+        instance_id: &str,
     ) -> Result<Outbox, OutboxError> {
         let options: PgConnectOptions = database.url().parse().map_err(OutboxError::Settings)?;
         let pool = PgPoolOptions::new()
-            // The relay reads and marks one batch at a time; the second connection serves
-            // `check` and the listener's re-connects without waiting.
-            .max_connections(2)
+            // The relay reads and marks one batch at a time; the others serve the lease keeper
+            // and the listener's re-connects without waiting.
+            .max_connections(3)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options.application_name("posthorn"));
+            // Names this instance's sessions in pg_stat_activity (63 bytes at most).
+            .connect_lazy_with(options.application_name(&application_name(instance_id)));
         Ok(Outbox::with_pool(pool, table, policy))
     }
 
     pub fn with_pool(pool: PgPool, table: &OutboxTable, policy: PoisonPolicy) -> Outbox {
         let t = table.qualified();
+        let lease = crate::lease::lease_table(table);
         // Under halt-key, a row waits while an earlier row of its aggregate is failed. The probe
         // uses the (normally empty) partial index of failed rows.
         let halted = match policy {
@@ -117,9 +120,11 @@ impl Outbox {
                  ORDER BY id LIMIT $1"
             )
             .into(),
+            // Fenced by the epoch: a leader that lost the lease marks nothing.
             mark_sql: format!(
-                "UPDATE {t} SET delivered_at = now() \
-                 WHERE id = ANY($1) AND delivered_at IS NULL"
+                "UPDATE {t} SET delivered_at = now(), delivered_epoch = $2 \
+                 WHERE id = ANY($1) AND delivered_at IS NULL \
+                   AND EXISTS (SELECT 1 FROM {lease} WHERE epoch = $2 AND expires_at > now())"
             )
             .into(),
             fail_sql: format!(
@@ -131,9 +136,10 @@ impl Outbox {
             .into(),
             poison_sql: format!(
                 "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.error, \
-                        last_attempt_at = now(), failed_at = now() \
+                        last_attempt_at = now(), failed_at = now(), delivered_epoch = $3 \
                  FROM unnest($1::bigint[], $2::text[]) AS f(id, error) \
-                 WHERE o.id = f.id AND o.delivered_at IS NULL"
+                 WHERE o.id = f.id AND o.delivered_at IS NULL \
+                   AND EXISTS (SELECT 1 FROM {lease} WHERE epoch = $3 AND expires_at > now())"
             )
             .into(),
         }
@@ -171,13 +177,15 @@ impl Outbox {
             .map_err(OutboxError::query("decoding an outbox row"))
     }
 
-    /// Marks the given rows delivered in one statement. Returns how many rows changed.
-    pub async fn mark_delivered(&self, rows: &Deliverable) -> Result<u64, OutboxError> {
+    /// Marks the given rows delivered in one statement, if `epoch` still holds the lease.
+    /// Returns how many rows changed (0 for a deposed leader).
+    pub async fn mark_delivered(&self, rows: &Deliverable, epoch: i64) -> Result<u64, OutboxError> {
         if rows.is_empty() {
             return Ok(0);
         }
         let done = sqlx::query(AssertSqlSafe(self.mark_sql.clone()))
             .bind(rows.ids())
+            .bind(epoch)
             .execute(&self.pool)
             .await
             .map_err(OutboxError::query("marking outbox rows delivered"))?;
@@ -190,22 +198,30 @@ impl Outbox {
         self.update_rows(
             &self.fail_sql,
             failures,
+            None,
             "recording failed publish attempts",
         )
         .await
     }
 
     /// Marks rows Kafka will never accept as failed (`failed_at`), with the reason, in one
-    /// statement. They are not read again until an operator re-queues them.
-    pub async fn mark_failed(&self, rows: &[(i64, String)]) -> Result<(), OutboxError> {
-        self.update_rows(&self.poison_sql, rows, "marking outbox rows failed")
-            .await
+    /// statement, if `epoch` still holds the lease. They are not read again until an operator
+    /// re-queues them.
+    pub async fn mark_failed(&self, rows: &[(i64, String)], epoch: i64) -> Result<(), OutboxError> {
+        self.update_rows(
+            &self.poison_sql,
+            rows,
+            Some(epoch),
+            "marking outbox rows failed",
+        )
+        .await
     }
 
     async fn update_rows(
         &self,
         sql: &Arc<str>,
         rows: &[(i64, String)],
+        epoch: Option<i64>,
         what: &'static str,
     ) -> Result<(), OutboxError> {
         if rows.is_empty() {
@@ -213,9 +229,13 @@ impl Outbox {
         }
         let (ids, errors): (Vec<i64>, Vec<&str>) =
             rows.iter().map(|(id, e)| (*id, e.as_str())).unzip();
-        sqlx::query(AssertSqlSafe(sql.clone()))
+        let mut query = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(ids)
-            .bind(errors)
+            .bind(errors);
+        if let Some(epoch) = epoch {
+            query = query.bind(epoch);
+        }
+        query
             .execute(&self.pool)
             .await
             .map_err(OutboxError::query(what))?;
@@ -255,6 +275,15 @@ impl Outbox {
         ));
         Wakeups { notify, task }
     }
+}
+
+/// `posthorn <instance id>`, cut to Postgres' 63-byte limit on a character boundary.
+fn application_name(instance_id: &str) -> String {
+    let mut name = format!("posthorn {instance_id}");
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
 }
 
 /// Wake-ups from the listener task. Any number of notifications between two waits collapse into

@@ -100,13 +100,16 @@ impl Publisher {
     }
 
     /// Sends the rows allowed by `tracker` and records each one's outcome in it. Returns when
-    /// every sent record has its delivery report, or `grace` after `shutdown` fired.
+    /// every sent record has its delivery report, or `grace` after `shutdown` fired, or as soon
+    /// as `still_leader` says this instance lost the lease (then what is still queued is purged:
+    /// a deposed leader must not write).
     pub async fn publish(
         &self,
         rows: &[OutboxRow],
         tracker: &mut Tracker<'_>,
         shutdown: &mut Shutdown,
         grace: Duration,
+        still_leader: &(dyn Fn() -> bool + Sync),
     ) -> PublishReport {
         // A batch-level rejection names the row only when the row was sent alone.
         let alone = rows.len() == 1;
@@ -116,6 +119,9 @@ impl Publisher {
         let mut last_sent: HashMap<(&str, &str), (usize, String)> = HashMap::new();
         let mut purged = false;
         'send: for (i, row) in rows.iter().enumerate() {
+            if !still_leader() {
+                break 'send;
+            }
             if !tracker.may_send(i) {
                 tracker.withhold(i);
                 continue;
@@ -195,18 +201,32 @@ impl Publisher {
                     deadline = Some(Instant::now() + grace);
                 }
                 _ = tokio::time::sleep_until(stop_at), if deadline.is_some() => break,
-                _ = tokio::time::sleep(FATAL_CHECK_INTERVAL) => self.purge_if_fatal(&mut purged),
+                _ = tokio::time::sleep(FATAL_CHECK_INTERVAL) => {
+                    self.purge_if_fatal(&mut purged);
+                    if !still_leader() {
+                        self.purge();
+                        break;
+                    }
+                }
             }
         }
+        if !still_leader() {
+            self.purge();
+        }
         report
+    }
+
+    /// Drops every record not yet acknowledged: queued ones are never sent.
+    fn purge(&self) {
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight().non_blocking());
     }
 
     /// After a fatal error librdkafka produces nothing more, and records never time out here:
     /// purge them so that their delivery reports (failures) arrive and the batch settles.
     fn purge_if_fatal(&self, purged: &mut bool) {
         if !*purged && self.producer.client().fatal_error().is_some() {
-            self.producer
-                .purge(PurgeConfig::default().queue().inflight().non_blocking());
+            self.purge();
             *purged = true;
         }
     }

@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
 use crate::acks::{Deliverable, Tracker};
 use crate::config::{Config, ConfigError, PoisonPolicy};
 use crate::events;
+use crate::lease::{Keeper, Lease};
 use crate::outbox::{Outbox, OutboxError, OutboxRow};
 use crate::publisher::{DeadLetterPayload, Publisher, PublisherError};
 use crate::retry::Backoff;
@@ -43,18 +46,22 @@ pub struct RelayStats {
     pub n_published: u64,
 }
 
-/// Runs until `shutdown` fires; then stops reading, waits up to `config.shutdown_timeout` for
-/// in-flight acknowledgements, marks what was acknowledged, and returns.
+/// Runs until `shutdown` fires: stands by until this instance holds the outbox's lease, then
+/// publishes while it holds it. On `shutdown` it stops reading, waits up to
+/// `config.shutdown_timeout` for in-flight acknowledgements, marks what was acknowledged,
+/// releases the lease and returns.
 ///
 /// Errors only for settings that can never work (an invalid Kafka property, an unparsable
 /// database URL), before any row is read.
 pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, RelayError> {
-    let outbox = Outbox::connect_lazy(&config.database, &config.outbox, config.on_poison)?;
+    let outbox = Outbox::connect_lazy(
+        &config.database,
+        &config.outbox,
+        config.on_poison,
+        &config.instance_id,
+    )?;
     // Created up front so that an invalid Kafka property is a start-up error, not a retry loop.
-    let mut publisher = Some(Publisher::idempotent(
-        &config.kafka,
-        &config.topic_template,
-    )?);
+    let publisher = Publisher::idempotent(&config.kafka, &config.topic_template)?;
     events::RelayStarted {
         database: config.database.redacted(),
         brokers: &config.kafka.brokers,
@@ -62,75 +69,169 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
         batch_size: config.batch_size,
     }
     .emit();
+    let lease = Arc::new(Lease::new(
+        outbox.pool().clone(),
+        &config.outbox,
+        &config.instance_id,
+        config.lease_ttl,
+    ));
+    let mut keeper = Keeper::spawn(lease.clone());
     let wakeups = outbox.spawn_listener(shutdown.clone());
+    let mut relay = Relay {
+        config,
+        outbox,
+        publisher: Some(publisher),
+        stats: RelayStats::default(),
+        n_unacknowledged: 0,
+        db_backoff: Backoff::new(),
+        kafka_backoff: Backoff::new(),
+        n_isolated: 0,
+    };
 
-    let mut stats = RelayStats::default();
-    let mut n_unacknowledged = 0;
-    let mut db_backoff = Backoff::new();
-    let mut kafka_backoff = Backoff::new();
-    // Rows still to be sent one at a time, after a record batch was rejected as a whole.
-    let mut n_isolated: usize = 0;
-    while !shutdown.is_triggered() {
-        let limit = if n_isolated > 0 { 1 } else { config.batch_size };
-        let fetched = tokio::select! {
-            _ = shutdown.triggered() => break,
-            fetched = outbox.fetch_batch(limit) => fetched,
-        };
-        let rows = match fetched {
-            Ok(rows) => {
-                db_backoff.reset();
-                rows
+    let mut last_epoch = None;
+    'standby: while !shutdown.is_triggered() {
+        if keeper.current().is_none() {
+            events::StandingBy {
+                owner: lease.owner(),
             }
-            Err(err) => {
-                let retry_in = db_backoff.next_delay();
-                events::DatabaseFailed {
-                    error: &err,
-                    retry_in,
-                    missing_table: err.is_undefined_table(),
-                }
-                .emit();
-                sleep_unless_stopped(retry_in, &mut shutdown).await;
-                continue;
-            }
-        };
-        if rows.is_empty() {
-            n_isolated = 0;
-            // LISTEN was set up before this read, so a commit after it has already stored a
-            // wake-up permit: no notification can fall between the read and the wait.
-            tokio::select! {
-                _ = shutdown.triggered() => break,
-                _ = wakeups.notified() => {}
-                _ = tokio::time::sleep(config.poll_interval) => {}
-            }
-            continue;
+            .emit();
         }
-
-        let producer = match publisher.take() {
-            Some(p) => p,
-            None => match Publisher::idempotent(&config.kafka, &config.topic_template) {
-                Ok(p) => p,
+        let leadership = tokio::select! {
+            _ = shutdown.triggered() => break 'standby,
+            leadership = keeper.leadership() => leadership,
+        };
+        let epoch = leadership.epoch;
+        last_epoch = Some(epoch);
+        while !shutdown.is_triggered() {
+            if !keeper.leads_with(epoch) {
+                // Lost the lease: drop the producer (purging whatever it still holds) and
+                // stand by. Marks of this epoch would be refused anyway.
+                if let Some(producer) = relay.publisher.take() {
+                    producer.close().await;
+                }
+                continue 'standby;
+            }
+            let limit = if relay.n_isolated > 0 {
+                1
+            } else {
+                config.batch_size
+            };
+            let fetched = tokio::select! {
+                _ = shutdown.triggered() => break 'standby,
+                fetched = relay.outbox.fetch_batch(limit) => fetched,
+            };
+            let rows = match fetched {
+                Ok(rows) => {
+                    relay.db_backoff.reset();
+                    rows
+                }
                 Err(err) => {
-                    let retry_in = kafka_backoff.next_delay();
-                    events::ProducerCreateFailed {
+                    let retry_in = relay.db_backoff.next_delay();
+                    events::DatabaseFailed {
                         error: &err,
                         retry_in,
+                        missing_table: err.is_undefined_table(),
                     }
                     .emit();
                     sleep_unless_stopped(retry_in, &mut shutdown).await;
                     continue;
                 }
+            };
+            if rows.is_empty() {
+                relay.n_isolated = 0;
+                // LISTEN was set up before this read, so a commit after it has already stored a
+                // wake-up permit: no notification can fall between the read and the wait. The
+                // wait is bounded by the poll interval, so a lost lease is noticed.
+                tokio::select! {
+                    _ = shutdown.triggered() => break 'standby,
+                    _ = wakeups.notified() => {}
+                    _ = tokio::time::sleep(config.poll_interval) => {}
+                }
+                continue;
+            }
+            relay
+                .publish_batch(&rows, epoch, &keeper, &mut shutdown)
+                .await;
+        }
+    }
+
+    keeper.stop().await;
+    if let Some(epoch) = last_epoch {
+        // Drained: hand over at once rather than make a standby wait for the expiry.
+        if lease.release(epoch).await.is_ok() {
+            events::LeaseReleased { epoch }.emit();
+        }
+    }
+    if let Some(producer) = relay.publisher.take() {
+        producer.close().await;
+    }
+    drop(wakeups);
+    relay.outbox.pool().close().await;
+    events::RelayStopped {
+        n_published: relay.stats.n_published,
+        n_unacknowledged: relay.n_unacknowledged,
+    }
+    .emit();
+    Ok(relay.stats)
+}
+
+/// The relay's state between batches.
+struct Relay<'a> {
+    config: &'a Config,
+    outbox: Outbox,
+    /// `None` after the producer was dropped; the next batch creates one.
+    publisher: Option<Publisher>,
+    stats: RelayStats,
+    n_unacknowledged: usize,
+    db_backoff: Backoff,
+    kafka_backoff: Backoff,
+    /// Rows still to be sent one at a time, after a record batch was rejected as a whole.
+    n_isolated: usize,
+}
+
+impl Relay<'_> {
+    /// Publishes one batch as leader with `epoch`, settles it and marks it.
+    async fn publish_batch(
+        &mut self,
+        rows: &[OutboxRow],
+        epoch: i64,
+        keeper: &Keeper,
+        shutdown: &mut Shutdown,
+    ) {
+        let config = self.config;
+        let producer = match self.publisher.take() {
+            Some(p) => p,
+            None => match Publisher::idempotent(&config.kafka, &config.topic_template) {
+                Ok(p) => p,
+                Err(err) => {
+                    let retry_in = self.kafka_backoff.next_delay();
+                    events::ProducerCreateFailed {
+                        error: &err,
+                        retry_in,
+                    }
+                    .emit();
+                    sleep_unless_stopped(retry_in, shutdown).await;
+                    return;
+                }
             },
         };
 
         let started = Instant::now();
-        let mut tracker = Tracker::new(&rows, config.on_poison);
+        let mut tracker = Tracker::new(rows, config.on_poison);
+        let still_leader = || keeper.leads_with(epoch);
         let report = producer
-            .publish(&rows, &mut tracker, &mut shutdown, config.shutdown_timeout)
+            .publish(
+                rows,
+                &mut tracker,
+                shutdown,
+                config.shutdown_timeout,
+                &still_leader,
+            )
             .await;
         let settled = tracker.finish();
-        let n_marked = mark(&outbox, &settled.deliverable, &mut shutdown).await;
-        stats.n_published += n_marked;
-        n_unacknowledged = settled.n_held;
+        let n_marked = mark(&self.outbox, &settled.deliverable, epoch, shutdown).await;
+        self.stats.n_published += n_marked;
+        self.n_unacknowledged = settled.n_held;
         events::BatchPublished {
             n_rows: rows.len(),
             n_marked,
@@ -146,12 +247,15 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             }
             .emit();
         }
-        n_isolated = n_isolated.saturating_sub(1);
-        if report.n_suspect > 0 && n_isolated == 0 {
+        self.n_isolated = self.n_isolated.saturating_sub(1);
+        if report.n_suspect > 0 && self.n_isolated == 0 {
             // One row of a rejected record batch is poison; send the batch's unsettled rows one
             // at a time to find which, rather than failing its innocent neighbours.
-            n_isolated = settled.failed.len() + settled.n_held;
-            events::IsolatingRows { n_rows: n_isolated }.emit();
+            self.n_isolated = settled.failed.len() + settled.n_held;
+            events::IsolatingRows {
+                n_rows: self.n_isolated,
+            }
+            .emit();
         }
 
         // A record Kafka failed may have left a gap behind which later records of its partition
@@ -165,13 +269,19 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             producer.close().await;
             events::ProducerReplaced { reason: &reason }.emit();
         } else {
-            publisher = Some(producer);
+            self.publisher = Some(producer);
         }
 
         let mut failed = settled.failed;
-        let poisoned =
-            settle_poison(&rows, settled.poisoned, &mut publisher, config, &mut failed).await;
-        if let Err(err) = outbox.record_failures(&failed).await {
+        let poisoned = settle_poison(
+            rows,
+            settled.poisoned,
+            &mut self.publisher,
+            config,
+            &mut failed,
+        )
+        .await;
+        if let Err(err) = self.outbox.record_failures(&failed).await {
             events::DatabaseFailed {
                 error: &err,
                 retry_in: Duration::ZERO,
@@ -179,7 +289,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             }
             .emit();
         }
-        if let Err(err) = outbox.mark_failed(&poisoned).await {
+        if let Err(err) = self.outbox.mark_failed(&poisoned, epoch).await {
             events::DatabaseFailed {
                 error: &err,
                 retry_in: Duration::ZERO,
@@ -187,26 +297,15 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             }
             .emit();
         }
+
         if report.n_transient > 0 || (!failed.is_empty() && n_marked == 0 && poisoned.is_empty()) {
             // Kafka is failing records, or nothing but retries is left: wait before trying
             // again rather than spinning.
-            sleep_unless_stopped(kafka_backoff.next_delay(), &mut shutdown).await;
+            sleep_unless_stopped(self.kafka_backoff.next_delay(), shutdown).await;
         } else {
-            kafka_backoff.reset();
+            self.kafka_backoff.reset();
         }
     }
-
-    if let Some(producer) = publisher {
-        producer.close().await;
-    }
-    drop(wakeups);
-    outbox.pool().close().await;
-    events::RelayStopped {
-        n_published: stats.n_published,
-        n_unacknowledged,
-    }
-    .emit();
-    Ok(stats)
 }
 
 /// Applies `POSTHORN_ON_POISON` to rows Kafka will never accept. Returns the rows to mark
@@ -310,12 +409,12 @@ async fn ensure_usable_producer(publisher: &mut Option<Publisher>, config: &Conf
 /// Marks acknowledged rows, retrying while Postgres is unavailable. A row that stays unmarked
 /// is published again later (a duplicate, never a loss), so after a stop signal it tries a few
 /// more times and then gives up.
-async fn mark(outbox: &Outbox, rows: &Deliverable, shutdown: &mut Shutdown) -> u64 {
+async fn mark(outbox: &Outbox, rows: &Deliverable, epoch: i64, shutdown: &mut Shutdown) -> u64 {
     const ATTEMPTS_AFTER_STOP: u32 = 3;
     let mut backoff = Backoff::with_bounds(Duration::from_millis(50), Duration::from_secs(5));
     let mut attempts_after_stop = 0;
     loop {
-        match outbox.mark_delivered(rows).await {
+        match outbox.mark_delivered(rows, epoch).await {
             Ok(n) => return n,
             Err(err) => {
                 let retry_in = backoff.next_delay();

@@ -157,6 +157,8 @@ pub fn env_vars(database_url: &str, extra: &[(&str, &str)]) -> Vec<(String, Stri
             services().brokers.clone(),
         ),
         ("POSTHORN_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
+        // One name per test: a relay restarted by the test takes its own lease over at once.
+        ("POSTHORN_INSTANCE_ID".to_owned(), unique("it")),
     ];
     for (k, v) in extra {
         vars.retain(|(existing, _)| existing != k);
