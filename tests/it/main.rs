@@ -3,6 +3,7 @@
 mod cross_client;
 mod delivery;
 mod faults;
+mod leader;
 mod poison;
 mod process;
 mod restarts;

@@ -447,18 +447,28 @@ pub fn versions_per_key(records: &[Record]) -> std::collections::BTreeMap<String
 pub fn assert_complete_and_ordered(records: &[Record], n_keys: usize, n_per_key: usize) -> usize {
     let per_key = versions_per_key(records);
     assert_eq!(per_key.len(), n_keys, "every key arrived");
-    let mut duplicates = 0;
     for (key, versions) in &per_key {
-        duplicates += check_key_order(versions).unwrap_or_else(|e| panic!("key {key}: {e}"));
-        let distinct: std::collections::HashSet<i64> = versions.iter().copied().collect();
-        assert_eq!(
-            distinct.len(),
-            n_per_key,
-            "key {key}: every version arrived"
-        );
+        let newest = versions.iter().max().copied().unwrap_or(0);
+        assert_eq!(newest, n_per_key as i64, "key {key}: every version arrived");
     }
-    assert_eq!(records.len(), n_keys * n_per_key + duplicates);
+    let (distinct, duplicates) = assert_each_key_gapless_and_ordered(records);
+    assert_eq!(distinct, n_keys * n_per_key);
     duplicates
+}
+
+/// Asserts each key's versions are 1..=newest with no gap, new versions in order, repeats only
+/// of versions already seen. Returns (distinct records, repeats).
+pub fn assert_each_key_gapless_and_ordered(records: &[Record]) -> (usize, usize) {
+    let (mut distinct, mut duplicates) = (0, 0);
+    for (key, versions) in &versions_per_key(records) {
+        duplicates += check_key_order(versions).unwrap_or_else(|e| panic!("key {key}: {e}"));
+        let unique: std::collections::HashSet<i64> = versions.iter().copied().collect();
+        let newest = versions.iter().max().copied().unwrap_or(0);
+        assert_eq!(unique.len() as i64, newest, "key {key}: no version missing");
+        distinct += unique.len();
+    }
+    assert_eq!(records.len(), distinct + duplicates);
+    (distinct, duplicates)
 }
 
 /// Writes `n_events` versioned events over `keys` from `n_writers` concurrent writers; returns
