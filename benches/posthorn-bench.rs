@@ -1,0 +1,648 @@
+//! posthorn-bench: throughput, latency and footprint of the real relay, side by side with the
+//! physical limit measured in the same run. Uses the same services as the tests
+//! (POSTHORN_TEST_DATABASE_URL, POSTHORN_TEST_KAFKA_BROKERS); run it with `bash scripts/bench.sh`.
+//!
+//! Scenarios (each run `--runs` times; medians and min–max are printed):
+//! 1. drain: N rows inserted while the relay is stopped, then the relay (the release binary)
+//!    started; time until every row is acknowledged and marked.
+//! 2. steady: writers insert at a fixed rate in one-row transactions; a consumer compares each
+//!    record's arrival with the writer's commit time.
+//! 3. footprint: relay CPU seconds per 100k rows and peak RSS (from the drain runs), idle CPU
+//!    over `--idle-secs` with an empty outbox.
+//! 4. limits: the same Postgres read + mark statements with no Kafka, and a bare rdkafka
+//!    producer sending the same records with no Postgres; the relay's drain rate as a fraction of
+//!    the smaller.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use posthorn::acks::Tracker;
+use posthorn::config::{OutboxTable, PoisonPolicy};
+use posthorn::lease::Lease;
+use posthorn::outbox::Outbox;
+use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::AssertSqlSafe;
+
+#[derive(Parser, Clone)]
+struct Args {
+    #[arg(long, env = "POSTHORN_TEST_DATABASE_URL")]
+    database_url: String,
+    #[arg(long, env = "POSTHORN_TEST_KAFKA_BROKERS")]
+    brokers: String,
+    /// Rows per drain run (and per limit run).
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Steady-state rates in rows/s; 0 means "as fast as the writers go".
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,0")]
+    rates: Vec<u64>,
+    #[arg(long, default_value_t = 10)]
+    steady_secs: u64,
+    #[arg(long, default_value_t = 30)]
+    idle_secs: u64,
+    /// Which scenarios: drain, steady, idle, limits (comma-separated), or all.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    scenarios: Vec<String>,
+    #[arg(long, default_value = "1000")]
+    batch_size: String,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+impl Args {
+    fn wants(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == "all" || s == scenario)
+    }
+}
+
+const PAD: usize = 260; // with the other fields, a ~300-byte JSON payload
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "posthorn-bench: {cores} cores, {} rows x {} runs, {} keys, ~300-byte payloads, batch size {}",
+        args.rows, args.runs, args.keys, args.batch_size
+    );
+    let mut table: Vec<(String, String)> = Vec::new();
+
+    let mut drain_rates = Vec::new();
+    if args.wants("drain") {
+        let (mut cpu_per_100k, mut rss) = (Vec::new(), Vec::new());
+        for run in 1..=args.runs {
+            let r = drain(&args).await?;
+            println!(
+                "  drain run {run}: {:.0} rows/s, {:.2} CPU s per 100k rows, peak RSS {:.1} MiB",
+                r.rows_per_sec, r.cpu_secs_per_100k, r.peak_rss_mib
+            );
+            drain_rates.push(r.rows_per_sec);
+            cpu_per_100k.push(r.cpu_secs_per_100k);
+            rss.push(r.peak_rss_mib);
+        }
+        table.push(("backlog drain (rows/s)".into(), summary(&drain_rates, 0)));
+        table.push((
+            "relay CPU s per 100k rows".into(),
+            summary(&cpu_per_100k, 2),
+        ));
+        table.push(("relay peak RSS (MiB)".into(), summary(&rss, 1)));
+    }
+    if args.wants("limits") {
+        let (mut pg, mut kafka) = (Vec::new(), Vec::new());
+        for run in 1..=args.runs {
+            let p = postgres_limit(&args).await?;
+            let k = kafka_limit(&args).await?;
+            println!(
+                "  limits run {run}: postgres read+mark {p:.0} rows/s, kafka produce {k:.0} msgs/s"
+            );
+            pg.push(p);
+            kafka.push(k);
+        }
+        table.push(("limit: postgres read+mark (rows/s)".into(), summary(&pg, 0)));
+        table.push(("limit: kafka produce (msgs/s)".into(), summary(&kafka, 0)));
+        if !drain_rates.is_empty() {
+            let limit = median(&pg).min(median(&kafka));
+            table.push((
+                "drain / min(limits)".into(),
+                format!("{:.2}", median(&drain_rates) / limit),
+            ));
+        }
+    }
+    if args.wants("steady") {
+        for &rate in &args.rates {
+            let mut results = Vec::new();
+            for run in 1..=args.runs {
+                let r = steady(&args, rate).await?;
+                println!(
+                    "  steady {} run {run}: wrote {:.0}/s, delivered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms (commit-to-mark p99 in the database {:.1} ms)",
+                    rate_name(rate), r.write_rate, r.throughput, r.p50, r.p99, r.p999, r.max, r.db_p99
+                );
+                results.push(r);
+            }
+            let pick = |f: fn(&Steady) -> f64| results.iter().map(f).collect::<Vec<_>>();
+            let name = rate_name(rate);
+            table.push((
+                format!("steady {name}: delivered (rows/s)"),
+                summary(&pick(|r| r.throughput), 0),
+            ));
+            table.push((
+                format!("steady {name}: p50 / p99 / p99.9 / max (ms)"),
+                format!(
+                    "{:.1} / {:.1} / {:.1} / {:.1}",
+                    median(&pick(|r| r.p50)),
+                    median(&pick(|r| r.p99)),
+                    median(&pick(|r| r.p999)),
+                    median(&pick(|r| r.max))
+                ),
+            ));
+            table.push((
+                format!("steady {name}: p99 spread (ms)"),
+                summary(&pick(|r| r.p99), 1),
+            ));
+        }
+    }
+    if args.wants("idle") {
+        let mut idle = Vec::new();
+        for _ in 1..=args.runs {
+            idle.push(idle_cpu(&args).await?);
+        }
+        table.push((
+            format!("idle CPU over {} s (% of one core)", args.idle_secs),
+            summary(&idle, 3),
+        ));
+    }
+
+    println!("\n| measure ({cores} cores) | median [min–max] |\n|---|---|");
+    for (k, v) in &table {
+        println!("| {k} | {v} |");
+    }
+    Ok(())
+}
+
+fn rate_name(rate: u64) -> String {
+    if rate == 0 {
+        "max".into()
+    } else {
+        format!("{}k/s", rate as f64 / 1000.0)
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn summary(xs: &[f64], decimals: usize) -> String {
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:.*} [{:.*}–{:.*}]",
+        decimals,
+        median(xs),
+        decimals,
+        min,
+        decimals,
+        max
+    )
+}
+
+/// A fresh database (migrated by the real binary) and topic for one run.
+struct Setup {
+    admin: String,
+    name: String,
+    url: String,
+    pool: PgPool,
+    topic: String,
+}
+
+impl Setup {
+    async fn new(args: &Args, what: &str) -> anyhow::Result<Setup> {
+        let id = format!("{:08x}", rand::rng().random::<u32>());
+        let name = format!("posthorn_bench_{what}_{id}");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&args.database_url)
+            .await?;
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let mut url = url::Url::parse(&args.database_url)?;
+        url.set_path(&format!("/{name}"));
+        let url = url.to_string();
+        let status = posthorn_cmd(&url, args, "unused")
+            .arg("migrate")
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "posthorn migrate failed");
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect(&url)
+            .await?;
+        let topic = format!("posthorn-bench-{what}-{id}");
+        let admin_client: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &args.brokers)
+            .create()?;
+        for r in admin_client
+            .create_topics(
+                &[NewTopic::new(&topic, 6, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await?
+        {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+        }
+        Ok(Setup {
+            admin: args.database_url.clone(),
+            name,
+            url,
+            pool,
+            topic,
+        })
+    }
+
+    async fn load(&self, rows: u64, keys: u64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'bench', 'key-' || (g % $2), 'BenchEvent', \
+                    jsonb_build_object('seq', g, 'pad', repeat('x', $3)) \
+             FROM generate_series(1, $1) g",
+        )
+        .bind(rows as i64)
+        .bind(keys as i64)
+        .bind(PAD as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn pending(&self) -> anyhow::Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn drop(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.admin)
+            .await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&admin)
+        .await?;
+        let admin_client: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set(
+                "bootstrap.servers",
+                std::env::var("POSTHORN_TEST_KAFKA_BROKERS").unwrap_or_default(),
+            )
+            .create()?;
+        let _ = admin_client
+            .delete_topics(&[&self.topic], &AdminOptions::new())
+            .await;
+        Ok(())
+    }
+}
+
+fn posthorn_cmd(url: &str, args: &Args, topic: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_posthorn"));
+    cmd.env_clear()
+        .env("POSTHORN_DATABASE_URL", url)
+        .env("POSTHORN_KAFKA_BROKERS", &args.brokers)
+        .env("POSTHORN_TOPIC_TEMPLATE", topic)
+        .env("POSTHORN_BATCH_SIZE", &args.batch_size)
+        .env("POSTHORN_LOG", "warn")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// (user + system CPU seconds, peak RSS in MiB) of a process, from /proc.
+fn cpu_and_rss(pid: u32) -> (f64, f64) {
+    let ticks = 100.0; // USER_HZ on Linux
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let utime: f64 = after.get(11)?.parse().ok()?;
+            let stime: f64 = after.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .unwrap_or(f64::NAN);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN);
+    (cpu, rss)
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+struct Drain {
+    rows_per_sec: f64,
+    cpu_secs_per_100k: f64,
+    peak_rss_mib: f64,
+}
+
+async fn drain(args: &Args) -> anyhow::Result<Drain> {
+    let setup = Setup::new(args, "drain").await?;
+    setup.load(args.rows, args.keys).await?;
+    let started = Instant::now();
+    let child = posthorn_cmd(&setup.url, args, &setup.topic)
+        .arg("run")
+        .spawn()?;
+    let pid = child.id();
+    let mut last = (0.0, 0.0);
+    while setup.pending().await? {
+        last = cpu_and_rss(pid);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (cpu, rss) = cpu_and_rss(pid);
+    let (cpu, rss) = (
+        if cpu.is_nan() { last.0 } else { cpu },
+        if rss.is_nan() { last.1 } else { rss },
+    );
+    stop(child);
+    setup.drop().await?;
+    Ok(Drain {
+        rows_per_sec: args.rows as f64 / elapsed,
+        cpu_secs_per_100k: cpu / (args.rows as f64 / 100_000.0),
+        peak_rss_mib: rss,
+    })
+}
+
+/// The relay's own read and mark statements in a loop, with every row acknowledged at once.
+async fn postgres_limit(args: &Args) -> anyhow::Result<f64> {
+    let setup = Setup::new(args, "pglimit").await?;
+    setup.load(args.rows, args.keys).await?;
+    let table = OutboxTable {
+        schema: "public".into(),
+        table: "outbox".into(),
+    };
+    let lease = Lease::new(
+        setup.pool.clone(),
+        &table,
+        "bench",
+        Duration::from_secs(300),
+    );
+    let epoch = lease
+        .try_acquire()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("lease"))?
+        .epoch;
+    let outbox = Outbox::with_pool(setup.pool.clone(), &table, PoisonPolicy::DeadLetter);
+    let batch: usize = args.batch_size.parse()?;
+    let started = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let rows = outbox.fetch_batch(batch).await?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut tracker = Tracker::new(&rows, PoisonPolicy::DeadLetter);
+        (0..rows.len()).for_each(|i| tracker.ack(i));
+        n += outbox
+            .mark_delivered(&tracker.finish().deliverable, epoch)
+            .await?;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    setup.drop().await?;
+    Ok(rate)
+}
+
+/// A bare idempotent producer with posthorn's settings sending the same records.
+async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
+    let topic = format!(
+        "posthorn-bench-kafkalimit-{:08x}",
+        rand::rng().random::<u32>()
+    );
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .create()?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(&topic, 6, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "0")
+        .create()?;
+    let pad = "x".repeat(PAD);
+    let started = Instant::now();
+    let batch: u64 = args.batch_size.parse()?;
+    let mut sent = 0u64;
+    while sent < args.rows {
+        // The same shape as the relay: a batch handed over without waiting, then its reports.
+        let mut pending = Vec::with_capacity(batch as usize);
+        for seq in sent..(sent + batch).min(args.rows) {
+            let key = format!("key-{}", seq % args.keys);
+            let value = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
+            let record = FutureRecord::to(&topic).key(&key).payload(&value);
+            match producer.send_result(record) {
+                Ok(f) => pending.push(f),
+                Err((e, _)) => anyhow::bail!("produce: {e}"),
+            }
+        }
+        sent += pending.len() as u64;
+        for f in pending {
+            f.await?
+                .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        }
+    }
+    let rate = args.rows as f64 / started.elapsed().as_secs_f64();
+    let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
+    Ok(rate)
+}
+
+struct Steady {
+    /// p99 of delivered_at - created_at in the database: commit to mark, on one clock.
+    db_p99: f64,
+    write_rate: f64,
+    throughput: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+async fn steady(args: &Args, rate: u64) -> anyhow::Result<Steady> {
+    let setup = Setup::new(args, "steady").await?;
+    let child = posthorn_cmd(&setup.url, args, &setup.topic)
+        .arg("run")
+        .spawn()?;
+    // Let the relay take its lease and go idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let base = Instant::now();
+    let max_events = if rate == 0 {
+        5_000_000
+    } else {
+        rate * args.steady_secs + 10
+    } as usize;
+    let commit_ns: Arc<Vec<AtomicU64>> =
+        Arc::new((0..max_events).map(|_| AtomicU64::new(0)).collect());
+    let next_seq = Arc::new(AtomicU64::new(0));
+    let stop_writing = Arc::new(AtomicBool::new(false));
+
+    // The consumer: reads from the end, measures arrival - commit per record.
+    let consumer_done = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (brokers, topic, commit_ns, done) = (
+            args.brokers.clone(),
+            setup.topic.clone(),
+            commit_ns.clone(),
+            consumer_done.clone(),
+        );
+        std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "posthorn-bench")
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", "5")
+                .create()?;
+            let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let mut tpl = TopicPartitionList::new();
+            for p in md.topics()[0].partitions() {
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+            }
+            c.assign(&tpl)?;
+            let mut latencies = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let Some(m) = c.poll(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let m = m?;
+                let arrived = base.elapsed().as_nanos() as u64;
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                let seq = v["seq"].as_u64().unwrap_or(u64::MAX) as usize;
+                if let Some(committed) = commit_ns.get(seq).map(|c| c.load(Ordering::Acquire)) {
+                    if committed > 0 {
+                        latencies.push((arrived.saturating_sub(committed)) as f64 / 1e6);
+                    }
+                }
+            }
+            Ok(latencies)
+        })
+    };
+
+    let n_writers: u64 = if rate == 0 { 8 } else { 4 };
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for _ in 0..n_writers {
+        let (pool, commit_ns, next_seq, stop_writing) = (
+            setup.pool.clone(),
+            commit_ns.clone(),
+            next_seq.clone(),
+            stop_writing.clone(),
+        );
+        let per_writer = rate as f64 / n_writers as f64;
+        writers.push(tokio::spawn(async move {
+            let mut written = 0u64;
+            let t0 = Instant::now();
+            while !stop_writing.load(Ordering::Relaxed) {
+                if per_writer > 0.0 {
+                    let due = t0 + Duration::from_secs_f64(written as f64 / per_writer);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                if seq as usize >= commit_ns.len() {
+                    break;
+                }
+                sqlx::query(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                     VALUES ('bench', $1, 'BenchEvent', jsonb_build_object('seq', $2::bigint, 'pad', repeat('x', $3)))",
+                )
+                .bind(format!("key-{}", seq % 10_000))
+                .bind(seq as i64)
+                .bind(PAD as i32)
+                .execute(&pool)
+                .await?;
+                commit_ns[seq as usize].store(base.elapsed().as_nanos() as u64, Ordering::Release);
+                written += 1;
+            }
+            Ok::<_, sqlx::Error>(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(args.steady_secs)).await;
+    stop_writing.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await??;
+    }
+    let write_secs = started.elapsed().as_secs_f64();
+    let n_written = next_seq.load(Ordering::Relaxed).min(commit_ns.len() as u64);
+    while setup.pending().await? {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered_secs = started.elapsed().as_secs_f64();
+    let db_p99: f64 = sqlx::query_scalar(
+        "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - created_at) * 1000) FROM outbox",
+    )
+    .fetch_one(&setup.pool)
+    .await?;
+    // Let the consumer read the last records.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    consumer_done.store(true, Ordering::Relaxed);
+    let mut latencies = consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+    stop(child);
+    setup.drop().await?;
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(Steady {
+        db_p99,
+        write_rate: n_written as f64 / write_secs,
+        throughput: n_written as f64 / delivered_secs,
+        p50: q(0.5),
+        p99: q(0.99),
+        p999: q(0.999),
+        max: latencies.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+async fn idle_cpu(args: &Args) -> anyhow::Result<f64> {
+    let setup = Setup::new(args, "idle").await?;
+    let child = posthorn_cmd(&setup.url, args, &setup.topic)
+        .arg("run")
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // start-up is not idle
+    let (before, _) = cpu_and_rss(child.id());
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let (after, _) = cpu_and_rss(child.id());
+    stop(child);
+    setup.drop().await?;
+    Ok((after - before) / args.idle_secs as f64 * 100.0)
+}
