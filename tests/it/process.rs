@@ -302,3 +302,70 @@ async fn check_fails_with_status_1_when_a_service_is_unreachable_or_unmigrated()
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_when_asked_and_never_contain_a_secret() {
+    let db = TestDb::create("logs").await;
+    // A role whose password is distinctive enough to search the logs for.
+    let role = unique("posthorn_secret");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'sekrit-db-7f3a'"
+    )))
+    .execute(&db.pool)
+    .await
+    .expect("create role");
+    let mut url = url::Url::parse(&db.url).expect("url");
+    url.set_username(&role).expect("user");
+    url.set_password(Some("sekrit-db-7f3a")).expect("password");
+    let topic = unique("it-logs");
+    create_topic(&topic, 1).await;
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ($1, 'k', 'E', '{}')",
+    )
+    .bind(&topic)
+    .execute(&db.pool)
+    .await
+    .expect("insert");
+    let vars = env_vars(
+        url.as_str(),
+        &[
+            ("POSTHORN_LOG_FORMAT", "json"),
+            ("POSTHORN_LOG", "debug"),
+            ("POSTHORN_KAFKA_SASL_PASSWORD", "sekrit-kafka-91c2"),
+            ("POSTHORN_KAFKA_SASL_USERNAME", "someone"),
+        ],
+    );
+    let log = log_path("json");
+    let mut relay = RelayProcess::spawn(&vars, &log);
+    wait_until(Duration::from_secs(30), "the row is delivered", || async {
+        db.undelivered().await == 0
+    })
+    .await;
+    relay.signal("TERM");
+    assert!(relay.wait(Duration::from_secs(30)).await.success());
+
+    let log = std::fs::read_to_string(&log).expect("log");
+    let mut n_lines = 0;
+    for line in log.lines() {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            parsed.get("level").is_some() && parsed.get("target").is_some(),
+            "{line}"
+        );
+        n_lines += 1;
+    }
+    assert!(n_lines >= 3, "{log}");
+    assert!(
+        log.contains("Relay started.") && log.contains("Batch published."),
+        "{log}"
+    );
+    assert!(
+        !log.contains("sekrit-db-7f3a"),
+        "the database password leaked: {log}"
+    );
+    assert!(
+        !log.contains("sekrit-kafka-91c2"),
+        "the Kafka password leaked: {log}"
+    );
+}
