@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::config::OutboxTable;
 use crate::events;
+use crate::retry::Backoff;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 
 /// The lease's timing, derived from the TTL.
@@ -230,6 +231,9 @@ impl Keeper {
 
 async fn keep(lease: Arc<Lease>, tx: watch::Sender<Option<Leadership>>, mut stopped: Shutdown) {
     let timing = lease.timing();
+    // A standby that cannot reach the database backs off (up to the TTL) rather than logging
+    // every poll; a leader retries its renewal at once.
+    let mut errors = Backoff::with_bounds(timing.standby_poll, timing.lease);
     let mut held: Option<Leadership> = None;
     let mut next_attempt = Instant::now();
     loop {
@@ -240,6 +244,7 @@ async fn keep(lease: Arc<Lease>, tx: watch::Sender<Option<Leadership>>, mut stop
         match held {
             None => match lease.try_acquire().await {
                 Ok(Some(l)) => {
+                    errors.reset();
                     events::LeadershipAcquired {
                         owner: lease.owner(),
                         epoch: l.epoch,
@@ -249,10 +254,13 @@ async fn keep(lease: Arc<Lease>, tx: watch::Sender<Option<Leadership>>, mut stop
                     tx.send_replace(held);
                     next_attempt = Instant::now() + timing.renew_every;
                 }
-                Ok(None) => next_attempt = Instant::now() + timing.standby_poll,
+                Ok(None) => {
+                    errors.reset();
+                    next_attempt = Instant::now() + timing.standby_poll;
+                }
                 Err(err) => {
                     events::LeaseFailed { error: &err }.emit();
-                    next_attempt = Instant::now() + timing.standby_poll;
+                    next_attempt = Instant::now() + errors.next_delay();
                 }
             },
             Some(current) => {

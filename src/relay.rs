@@ -140,8 +140,8 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             if rows.is_empty() {
                 relay.n_isolated = 0;
                 // LISTEN was set up before this read, so a commit after it has already stored a
-                // wake-up permit: no notification can fall between the read and the wait. The
-                // wait is bounded by the poll interval, so a lost lease is noticed.
+                // wake-up permit: no notification can fall between the read and the wait. An
+                // idle leader publishes nothing; the lease is checked again after the wake.
                 tokio::select! {
                     _ = shutdown.triggered() => break 'standby,
                     _ = wakeups.notified() => {}
