@@ -59,6 +59,10 @@ struct Args {
     scenarios: Vec<String>,
     #[arg(long, default_value = "1000")]
     batch_size: String,
+    /// The relay binary to measure (default: the one this build made), e.g. an older build for a
+    /// before/after comparison.
+    #[arg(long)]
+    posthorn: Option<String>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -311,7 +315,11 @@ impl Setup {
 }
 
 fn posthorn_cmd(url: &str, args: &Args, topic: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_posthorn"));
+    let binary = args
+        .posthorn
+        .clone()
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_posthorn").to_owned());
+    let mut cmd = Command::new(binary);
     cmd.env_clear()
         .env("POSTHORN_DATABASE_URL", url)
         .env("POSTHORN_KAFKA_BROKERS", &args.brokers)

@@ -70,6 +70,7 @@ pub struct Outbox {
     pool: PgPool,
     table: OutboxTable,
     fetch_sql: Arc<str>,
+    prefetch_sql: Arc<str>,
     mark_sql: Arc<str>,
     fail_sql: Arc<str>,
     poison_sql: Arc<str>,
@@ -120,6 +121,17 @@ impl Outbox {
                  ORDER BY id LIMIT $1"
             )
             .into(),
+            // The same read, minus rows that are in flight or being marked: exclusion by id,
+            // not a cursor, so a row committed late with a smaller id is still found.
+            prefetch_sql: format!(
+                "SELECT id, event_id, aggregate_type, aggregate_id, event_type, \
+                        payload::text AS payload, topic, headers::text AS headers \
+                 FROM {t} AS o \
+                 WHERE delivered_at IS NULL AND failed_at IS NULL{halted} \
+                   AND NOT (id = ANY($2)) \
+                 ORDER BY id LIMIT $1"
+            )
+            .into(),
             // Fenced by the epoch: a leader that lost the lease marks nothing.
             mark_sql: format!(
                 "UPDATE {t} SET delivered_at = now(), delivered_epoch = $2 \
@@ -160,21 +172,23 @@ impl Outbox {
             .fetch_all(&self.pool)
             .await
             .map_err(OutboxError::query("reading undelivered outbox rows"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxRow {
-                    id: r.try_get("id")?,
-                    event_id: r.try_get("event_id")?,
-                    aggregate_type: r.try_get("aggregate_type")?,
-                    aggregate_id: r.try_get("aggregate_id")?,
-                    event_type: r.try_get("event_type")?,
-                    payload: r.try_get("payload")?,
-                    topic: r.try_get("topic")?,
-                    headers: r.try_get("headers")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(OutboxError::query("decoding an outbox row"))
+        decode_rows(&rows)
+    }
+
+    /// The oldest `limit` undelivered rows except `excluded` (rows in flight or being marked),
+    /// in id order: the batch after those, read while they are still unmarked.
+    pub async fn prefetch_batch(
+        &self,
+        limit: usize,
+        excluded: &[i64],
+    ) -> Result<Vec<OutboxRow>, OutboxError> {
+        let rows = sqlx::query(AssertSqlSafe(self.prefetch_sql.clone()))
+            .bind(limit as i64)
+            .bind(excluded)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(OutboxError::query("reading undelivered outbox rows"))?;
+        decode_rows(&rows)
     }
 
     /// Marks the given rows delivered in one statement, if `epoch` still holds the lease.
@@ -275,6 +289,24 @@ impl Outbox {
         ));
         Wakeups { notify, task }
     }
+}
+
+fn decode_rows(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<OutboxRow>, OutboxError> {
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get("id")?,
+                event_id: r.try_get("event_id")?,
+                aggregate_type: r.try_get("aggregate_type")?,
+                aggregate_id: r.try_get("aggregate_id")?,
+                event_type: r.try_get("event_type")?,
+                payload: r.try_get("payload")?,
+                topic: r.try_get("topic")?,
+                headers: r.try_get("headers")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(OutboxError::query("decoding an outbox row"))
 }
 
 /// `posthorn <instance id>`, cut to Postgres' 63-byte limit on a character boundary.

@@ -16,7 +16,7 @@ use crate::config::{Config, ConfigError, PoisonPolicy};
 use crate::events;
 use crate::lease::{Keeper, Lease};
 use crate::outbox::{Outbox, OutboxError, OutboxRow};
-use crate::publisher::{DeadLetterPayload, Publisher, PublisherError};
+use crate::publisher::{DeadLetterPayload, PublishReport, Publisher, PublisherError};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
 
@@ -86,6 +86,8 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
         db_backoff: Backoff::new(),
         kafka_backoff: Backoff::new(),
         n_isolated: 0,
+        prefetched: None,
+        pending_mark: None,
     };
 
     let mut last_epoch = None;
@@ -109,6 +111,8 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
                 if let Some(producer) = relay.publisher.take() {
                     producer.close().await;
                 }
+                relay.prefetched = None;
+                relay.pending_mark = None;
                 continue 'standby;
             }
             let limit = if relay.n_isolated > 0 {
@@ -116,9 +120,12 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             } else {
                 config.batch_size
             };
-            let fetched = tokio::select! {
-                _ = shutdown.triggered() => break 'standby,
-                fetched = relay.outbox.fetch_batch(limit) => fetched,
+            let fetched = match relay.prefetched.take() {
+                Some(rows) => Ok(rows),
+                None => tokio::select! {
+                    _ = shutdown.triggered() => break 'standby,
+                    fetched = relay.outbox.fetch_batch(limit) => fetched,
+                },
             };
             let rows = match fetched {
                 Ok(rows) => {
@@ -139,6 +146,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             };
             if rows.is_empty() {
                 relay.n_isolated = 0;
+                relay.flush_mark(epoch, &shutdown).await;
                 // LISTEN was set up before this read, so a commit after it has already stored a
                 // wake-up permit: no notification can fall between the read and the wait. An
                 // idle leader publishes nothing; the lease is checked again after the wake.
@@ -150,9 +158,12 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
                 continue;
             }
             relay
-                .publish_batch(&rows, epoch, &keeper, &mut shutdown)
+                .publish_batch(rows, epoch, &keeper, &mut shutdown)
                 .await;
         }
+    }
+    if let Some(epoch) = last_epoch {
+        relay.flush_mark(epoch, &shutdown).await;
     }
 
     keeper.stop().await;
@@ -187,13 +198,30 @@ struct Relay<'a> {
     kafka_backoff: Backoff,
     /// Rows still to be sent one at a time, after a record batch was rejected as a whole.
     n_isolated: usize,
+    /// The next batch, read while the previous one waited for its acknowledgements.
+    prefetched: Option<Vec<OutboxRow>>,
+    /// A fully acknowledged batch whose mark runs alongside the next batch.
+    pending_mark: Option<Deliverable>,
 }
 
 impl Relay<'_> {
+    /// Marks the batch whose mark was deferred, if any.
+    async fn flush_mark(&mut self, epoch: i64, shutdown: &Shutdown) {
+        if let Some(deliverable) = self.pending_mark.take() {
+            self.stats.n_published += mark(&self.outbox, &deliverable, epoch, shutdown).await;
+        }
+    }
+
     /// Publishes one batch as leader with `epoch`, settles it and marks it.
+    ///
+    /// In a backlog the stages overlap: while the batch waits for Kafka's acknowledgements the
+    /// next batch is read (excluding, by id, every row in flight or still being marked), and
+    /// the previous batch's mark runs alongside. The read-ahead is used only when this batch
+    /// settled cleanly (every row acknowledged), so the next batch starts, as always, from the
+    /// oldest undelivered rows.
     async fn publish_batch(
         &mut self,
-        rows: &[OutboxRow],
+        rows: Vec<OutboxRow>,
         epoch: i64,
         keeper: &Keeper,
         shutdown: &mut Shutdown,
@@ -217,18 +245,67 @@ impl Relay<'_> {
         };
 
         let started = Instant::now();
-        let mut tracker = Tracker::new(rows, config.on_poison);
+        let mut tracker = Tracker::new(&rows, config.on_poison);
         let still_leader = || keeper.leads_with(epoch);
-        let report = producer
-            .publish(
-                rows,
+        let read_ahead = rows.len() == config.batch_size && self.n_isolated == 0;
+        let previous = self.pending_mark.take();
+        let excluded: Vec<i64> = if read_ahead {
+            rows.iter()
+                .map(|r| r.id)
+                .chain(previous.iter().flat_map(|d| d.ids().iter().copied()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mark_shutdown = shutdown.clone();
+        let outbox = &self.outbox;
+        let (report, next, n_marked_previous) = tokio::join!(
+            producer.publish(
+                &rows,
                 &mut tracker,
                 shutdown,
                 config.shutdown_timeout,
                 &still_leader,
-            )
-            .await;
+            ),
+            async {
+                if read_ahead {
+                    outbox
+                        .prefetch_batch(config.batch_size, &excluded)
+                        .await
+                        .ok()
+                } else {
+                    None
+                }
+            },
+            async {
+                match &previous {
+                    Some(d) => mark(outbox, d, epoch, &mark_shutdown).await,
+                    None => 0,
+                }
+            },
+        );
+        self.stats.n_published += n_marked_previous;
         let settled = tracker.finish();
+        let clean = settled.failed.is_empty()
+            && settled.poisoned.is_empty()
+            && settled.n_held == 0
+            && report == PublishReport::default();
+        if clean && next.is_some() && !shutdown.is_triggered() && still_leader() {
+            events::BatchPublished {
+                n_rows: rows.len(),
+                n_marked: n_marked_previous,
+                n_failed: 0,
+                n_held: 0,
+                elapsed: started.elapsed(),
+            }
+            .emit();
+            self.prefetched = next;
+            self.pending_mark = Some(settled.deliverable);
+            self.publisher = Some(producer);
+            self.kafka_backoff.reset();
+            return;
+        }
+
         let n_marked = mark(&self.outbox, &settled.deliverable, epoch, shutdown).await;
         self.stats.n_published += n_marked;
         self.n_unacknowledged = settled.n_held;
@@ -274,7 +351,7 @@ impl Relay<'_> {
 
         let mut failed = settled.failed;
         let poisoned = settle_poison(
-            rows,
+            &rows,
             settled.poisoned,
             &mut self.publisher,
             config,
@@ -409,7 +486,7 @@ async fn ensure_usable_producer(publisher: &mut Option<Publisher>, config: &Conf
 /// Marks acknowledged rows, retrying while Postgres is unavailable. A row that stays unmarked
 /// is published again later (a duplicate, never a loss), so after a stop signal it tries a few
 /// more times and then gives up.
-async fn mark(outbox: &Outbox, rows: &Deliverable, epoch: i64, shutdown: &mut Shutdown) -> u64 {
+async fn mark(outbox: &Outbox, rows: &Deliverable, epoch: i64, shutdown: &Shutdown) -> u64 {
     const ATTEMPTS_AFTER_STOP: u32 = 3;
     let mut backoff = Backoff::with_bounds(Duration::from_millis(50), Duration::from_secs(5));
     let mut attempts_after_stop = 0;
