@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use crate::acks::{Deliverable, Tracker};
 use crate::config::{Config, ConfigError, PoisonPolicy};
 use crate::events;
+use crate::health::Heartbeat;
 use crate::outbox::{Outbox, OutboxError, OutboxRow};
 use crate::publisher::{DeadLetterPayload, Publisher, PublisherError};
 use crate::retry::Backoff;
@@ -48,7 +49,17 @@ pub struct RelayStats {
 ///
 /// Errors only for settings that can never work (an invalid Kafka property, an unparsable
 /// database URL), before any row is read.
-pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, RelayError> {
+pub async fn run(config: &Config, shutdown: Shutdown) -> Result<RelayStats, RelayError> {
+    run_with_heartbeat(config, shutdown, &Heartbeat::new()).await
+}
+
+/// [`run`], beating `heartbeat` at every iteration and while it legitimately waits (for rows,
+/// for acknowledgements, out a backoff), so that `/healthz` can tell a stuck loop.
+pub async fn run_with_heartbeat(
+    config: &Config,
+    mut shutdown: Shutdown,
+    heartbeat: &Heartbeat,
+) -> Result<RelayStats, RelayError> {
     let outbox = Outbox::connect_lazy(&config.database, &config.outbox, config.on_poison)?;
     // Created up front so that an invalid Kafka property is a start-up error, not a retry loop.
     let mut publisher = Some(Publisher::idempotent(
@@ -71,6 +82,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
     // Rows still to be sent one at a time, after a record batch was rejected as a whole.
     let mut n_isolated: usize = 0;
     while !shutdown.is_triggered() {
+        heartbeat.beat();
         let limit = if n_isolated > 0 { 1 } else { config.batch_size };
         let fetched = tokio::select! {
             _ = shutdown.triggered() => break,
@@ -89,7 +101,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
                     missing_table: err.is_undefined_table(),
                 }
                 .emit();
-                sleep_unless_stopped(retry_in, &mut shutdown).await;
+                sleep_unless_stopped(retry_in, &mut shutdown, heartbeat).await;
                 continue;
             }
         };
@@ -97,10 +109,17 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             n_isolated = 0;
             // LISTEN was set up before this read, so a commit after it has already stored a
             // wake-up permit: no notification can fall between the read and the wait.
-            tokio::select! {
-                _ = shutdown.triggered() => break,
-                _ = wakeups.notified() => {}
-                _ = tokio::time::sleep(config.poll_interval) => {}
+            let stop = heartbeat
+                .during(async {
+                    tokio::select! {
+                        _ = shutdown.triggered() => true,
+                        _ = wakeups.notified() => false,
+                        _ = tokio::time::sleep(config.poll_interval) => false,
+                    }
+                })
+                .await;
+            if stop {
+                break;
             }
             continue;
         }
@@ -116,7 +135,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
                         retry_in,
                     }
                     .emit();
-                    sleep_unless_stopped(retry_in, &mut shutdown).await;
+                    sleep_unless_stopped(retry_in, &mut shutdown, heartbeat).await;
                     continue;
                 }
             },
@@ -124,11 +143,12 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
 
         let started = Instant::now();
         let mut tracker = Tracker::new(&rows, config.on_poison);
-        let report = producer
-            .publish(&rows, &mut tracker, &mut shutdown, config.shutdown_timeout)
+        // A batch waits as long as the broker is away: that is a legitimate wait.
+        let report = heartbeat
+            .during(producer.publish(&rows, &mut tracker, &mut shutdown, config.shutdown_timeout))
             .await;
         let settled = tracker.finish();
-        let n_marked = mark(&outbox, &settled.deliverable, &mut shutdown).await;
+        let n_marked = mark(&outbox, &settled.deliverable, &mut shutdown, heartbeat).await;
         stats.n_published += n_marked;
         n_unacknowledged = settled.n_held;
         events::BatchPublished {
@@ -136,6 +156,9 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             n_marked,
             n_failed: settled.failed.len() + settled.poisoned.len(),
             n_held: settled.n_held,
+            n_transient: report.n_transient,
+            n_suspect: report.n_suspect,
+            n_poisoned: settled.poisoned.len(),
             elapsed: started.elapsed(),
         }
         .emit();
@@ -169,8 +192,15 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
         }
 
         let mut failed = settled.failed;
-        let poisoned =
-            settle_poison(&rows, settled.poisoned, &mut publisher, config, &mut failed).await;
+        let poisoned = heartbeat
+            .during(settle_poison(
+                &rows,
+                settled.poisoned,
+                &mut publisher,
+                config,
+                &mut failed,
+            ))
+            .await;
         if let Err(err) = outbox.record_failures(&failed).await {
             events::DatabaseFailed {
                 error: &err,
@@ -190,7 +220,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
         if report.n_transient > 0 || (!failed.is_empty() && n_marked == 0 && poisoned.is_empty()) {
             // Kafka is failing records, or nothing but retries is left: wait before trying
             // again rather than spinning.
-            sleep_unless_stopped(kafka_backoff.next_delay(), &mut shutdown).await;
+            sleep_unless_stopped(kafka_backoff.next_delay(), &mut shutdown, heartbeat).await;
         } else {
             kafka_backoff.reset();
         }
@@ -310,7 +340,12 @@ async fn ensure_usable_producer(publisher: &mut Option<Publisher>, config: &Conf
 /// Marks acknowledged rows, retrying while Postgres is unavailable. A row that stays unmarked
 /// is published again later (a duplicate, never a loss), so after a stop signal it tries a few
 /// more times and then gives up.
-async fn mark(outbox: &Outbox, rows: &Deliverable, shutdown: &mut Shutdown) -> u64 {
+async fn mark(
+    outbox: &Outbox,
+    rows: &Deliverable,
+    shutdown: &mut Shutdown,
+    heartbeat: &Heartbeat,
+) -> u64 {
     const ATTEMPTS_AFTER_STOP: u32 = 3;
     let mut backoff = Backoff::with_bounds(Duration::from_millis(50), Duration::from_secs(5));
     let mut attempts_after_stop = 0;
@@ -331,15 +366,19 @@ async fn mark(outbox: &Outbox, rows: &Deliverable, shutdown: &mut Shutdown) -> u
                         return 0;
                     }
                 }
-                tokio::time::sleep(retry_in).await;
+                heartbeat.during(tokio::time::sleep(retry_in)).await;
             }
         }
     }
 }
 
-async fn sleep_unless_stopped(delay: Duration, shutdown: &mut Shutdown) {
-    tokio::select! {
-        _ = shutdown.triggered() => {}
-        _ = tokio::time::sleep(delay) => {}
-    }
+async fn sleep_unless_stopped(delay: Duration, shutdown: &mut Shutdown, heartbeat: &Heartbeat) {
+    heartbeat
+        .during(async {
+            tokio::select! {
+                _ = shutdown.triggered() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+        })
+        .await
 }
