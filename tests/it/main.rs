@@ -2,6 +2,7 @@
 
 mod cross_client;
 mod delivery;
+mod ops;
 mod poison;
 mod process;
 mod support;
