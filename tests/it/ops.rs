@@ -219,22 +219,25 @@ async fn healthz_fails_while_the_relay_loop_is_stuck_and_passes_again_after() {
     assert_eq!(health["alive"], true);
     assert_eq!(health["stall_seconds"], 2);
 
-    // A row whose mark waits on a lock the test holds: the loop is stuck in a query.
-    insert_rows(&db, &topic, "k", 1).await;
+    // Another session holds the table: the relay's next read waits for its lock, and the loop is
+    // stuck in a query.
     let mut lock = db.pool.begin().await.expect("begin");
-    sqlx::query("SELECT id FROM outbox FOR UPDATE")
+    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *lock)
         .await
-        .expect("lock the row");
+        .expect("lock the table");
     let (_, health) = json_until(addr, "/healthz", "stuck", alive(503)).await;
     assert_eq!(health["alive"], false);
-    assert!(health["last_progress_seconds_ago"].as_f64() > Some(2.0));
+    assert!(health["last_progress_seconds_ago"].as_f64() >= Some(2.0));
 
-    lock.rollback().await.expect("release the row");
+    lock.rollback().await.expect("release the table");
     json_until(addr, "/healthz", "alive again", alive(200)).await;
-    wait_until(Duration::from_secs(30), "the row is delivered", || async {
-        db.undelivered().await == 0
-    })
+    insert_rows(&db, &topic, "k", 1).await;
+    wait_until(
+        Duration::from_secs(30),
+        "a new row is delivered",
+        || async { db.undelivered().await == 0 },
+    )
     .await;
     relay.signal("TERM");
     assert!(relay.wait(Duration::from_secs(30)).await.success());
