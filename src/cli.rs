@@ -239,9 +239,14 @@ async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
     let outbox = Outbox::connect_lazy(&config.database, &config.outbox, config.on_poison)?;
     let status = outbox.status(i64::from(args.top)).await;
     outbox.pool().close().await;
-    let status = status.with_context(|| {
-        format!(
-            "reading {} in {}",
+    let status = status.map_err(|err| {
+        let hint = if err.is_undefined_table() || err.is_undefined_column() {
+            " (run `posthorn migrate`)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!(
+            "reading {} in {}: {err}{hint}",
             config.outbox.qualified(),
             config.database.redacted()
         )

@@ -385,7 +385,7 @@ impl Summary {
     pub fn emit(self) {
         let seconds = self.period.as_secs_f64().max(0.001);
         info!(
-            rows_per_second = format!("{:.1}", self.n_delivered as f64 / seconds),
+            rows_per_second = (self.n_delivered as f64 / seconds * 10.0).round() / 10.0,
             n_delivered = self.n_delivered,
             period_s = self.period.as_secs(),
             backlog = self

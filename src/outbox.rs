@@ -119,7 +119,9 @@ impl Outbox {
         let options: PgConnectOptions = database.url().parse().map_err(OutboxError::Settings)?;
         let options = options.application_name("posthorn-background");
         let pool = PgPoolOptions::new()
-            .max_connections(2)
+            // One each for the readiness probe, the backlog gauges and retention: none waits
+            // for another's slow statement.
+            .max_connections(3)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
         Ok(Outbox::with_pool(pool, table, policy))
@@ -424,7 +426,7 @@ impl Outbox {
             "WITH selected AS ( \
                  SELECT id, delivered_at IS NOT NULL AS was_delivered, \
                         failed_at IS NOT NULL AS was_failed \
-                 FROM {t} WHERE {} FOR UPDATE), \
+                 FROM {t} WHERE {} ORDER BY id FOR UPDATE), \
              requeued AS ( \
                  UPDATE {t} AS o SET delivered_at = NULL, failed_at = NULL \
                  FROM selected AS s \
