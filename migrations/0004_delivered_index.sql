@@ -1,4 +1,4 @@
--- posthorn outbox table, version 3: finding delivered rows by delivery time.
+-- posthorn outbox table, version 4: finding delivered rows by delivery time.
 --
 -- Retention (POSTHORN_RETENTION) deletes delivered rows oldest delivery first, and
 -- `posthorn status` shows the last delivery. With this index both cost the rows they find,
