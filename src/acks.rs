@@ -168,6 +168,7 @@ mod tests {
                 payload: None,
                 topic: None,
                 headers: None,
+                created_at_us: 0,
             })
             .collect()
     }

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -59,6 +60,9 @@ struct RawEnv {
     dead_letter_topic: Option<String>,
     lease_ttl: Option<String>,
     instance_id: Option<String>,
+    http_addr: Option<String>,
+    health_stall_seconds: Option<String>,
+    retention: Option<String>,
 }
 
 /// Names of the variables [`RawEnv`] knows, for the unknown-variable warning.
@@ -77,6 +81,9 @@ const KNOWN_VARS: &[&str] = &[
     "DEAD_LETTER_TOPIC",
     "LEASE_TTL",
     "INSTANCE_ID",
+    "HTTP_ADDR",
+    "HEALTH_STALL_SECONDS",
+    "RETENTION",
 ];
 
 const EX_DATABASE_URL: &str = "postgres://posthorn:secret@127.0.0.1:5432/app";
@@ -104,6 +111,12 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// This instance's name in the lease (default: host name, process id and a random suffix).
     pub instance_id: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub http_addr: SocketAddr,
+    /// How long the relay loop may go without a progress check before `/healthz` fails.
+    pub health_stall: Duration,
+    /// How long delivered rows are kept before they are deleted (none: never deleted).
+    pub retention: Option<Duration>,
     /// `POSTHORN_*` variables that posthorn does not know (typos, or injected by an orchestrator).
     pub unknown_vars: Vec<String>,
 }
@@ -187,7 +200,8 @@ impl Config {
 
         let lease_ttl = match raw.lease_ttl.as_deref() {
             None => Duration::from_secs(10),
-            Some(v) => parse_duration(v)
+            Some(v) => humantime::parse_duration(v.trim())
+                .ok()
                 .filter(|d| *d >= Duration::from_secs(1) && *d <= Duration::from_secs(300))
                 .ok_or_else(|| {
                     ConfigError::invalid(
@@ -201,6 +215,15 @@ impl Config {
             Some(id) if !id.is_empty() => id.to_owned(),
             _ => default_instance_id(),
         };
+        let http_addr = parse_http_addr(raw.http_addr.as_deref())?;
+        let health_stall = Duration::from_secs(parse_number(
+            raw.health_stall_seconds.as_deref(),
+            "POSTHORN_HEALTH_STALL_SECONDS",
+            60,
+            1..=86_400,
+            "60",
+        )?);
+        let retention = parse_retention(raw.retention.as_deref())?;
 
         let unknown_vars = vars
             .iter()
@@ -223,6 +246,9 @@ impl Config {
             dead_letter_topic,
             lease_ttl,
             instance_id,
+            http_addr,
+            health_stall,
+            retention,
             unknown_vars,
         })
     }
@@ -241,23 +267,39 @@ fn default_instance_id() -> String {
     format!("{host}-{}-{suffix}", std::process::id())
 }
 
-/// `250ms`, `10s`, `5m`, `2h`, `7d`, or a bare number of seconds.
-pub fn parse_duration(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "" | "s" => n.checked_mul(1000)?,
-        "m" => n.checked_mul(60_000)?,
-        "h" => n.checked_mul(3_600_000)?,
-        "d" => n.checked_mul(86_400_000)?,
-        _ => return None,
+fn parse_http_addr(value: Option<&str>) -> Result<SocketAddr, ConfigError> {
+    const DEFAULT: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9187);
+    let Some(value) = value.map(str::trim) else {
+        return Ok(DEFAULT);
     };
-    Some(Duration::from_millis(ms))
+    value.parse().map_err(|_| {
+        ConfigError::invalid(
+            "POSTHORN_HTTP_ADDR",
+            format!("'{value}' is not an IP address and port (IPv6 in brackets: [::]:9187)"),
+            "0.0.0.0:9187",
+        )
+    })
+}
+
+/// `POSTHORN_RETENTION`: a duration such as `7d`, `12h`, `30m` or `0` (delete as soon as
+/// delivered), or `off` (never delete). Default 7 days.
+fn parse_retention(value: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    const DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
+    let value = match value.map(str::trim) {
+        None => return Ok(Some(DEFAULT)),
+        Some("off") => return Ok(None),
+        Some(v) => v,
+    };
+    humantime::parse_duration(value).map(Some).map_err(|_| {
+        ConfigError::invalid(
+            "POSTHORN_RETENTION",
+            format!(
+                "'{value}' is not a duration such as 7d, 12h, 30m or 0 (delete at once), or off"
+            ),
+            "7d",
+        )
+    })
 }
 
 fn required(
@@ -740,7 +782,62 @@ mod tests {
         assert_eq!(c.poll_interval, Duration::from_secs(1));
         assert_eq!(c.topic_template.render("order", "Shipped"), "order");
         assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.http_addr.to_string(), "0.0.0.0:9187");
+        assert_eq!(c.health_stall, Duration::from_secs(60));
+        assert_eq!(c.retention, Some(Duration::from_secs(7 * 24 * 3600)));
         assert!(c.unknown_vars.is_empty());
+    }
+
+    #[test]
+    fn the_http_address_is_an_ip_and_port() {
+        let c = Config::from_vars(vars(&[("POSTHORN_HTTP_ADDR", "127.0.0.1:0")])).expect("valid");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:0");
+        let c = Config::from_vars(vars(&[("POSTHORN_HTTP_ADDR", "[::]:9187")])).expect("valid");
+        assert!(c.http_addr.is_ipv6());
+        let msg = Config::from_vars(vars(&[("POSTHORN_HTTP_ADDR", "localhost")]))
+            .expect_err("no port")
+            .to_string();
+        assert_eq!(
+            msg,
+            "POSTHORN_HTTP_ADDR: 'localhost' is not an IP address and port (IPv6 in brackets: [::]:9187) (example: POSTHORN_HTTP_ADDR=0.0.0.0:9187)"
+        );
+    }
+
+    #[test]
+    fn the_health_stall_is_a_number_of_seconds() {
+        let c = Config::from_vars(vars(&[("POSTHORN_HEALTH_STALL_SECONDS", "5")])).expect("ok");
+        assert_eq!(c.health_stall, Duration::from_secs(5));
+        let msg = Config::from_vars(vars(&[("POSTHORN_HEALTH_STALL_SECONDS", "0")]))
+            .expect_err("zero")
+            .to_string();
+        assert!(
+            msg.starts_with("POSTHORN_HEALTH_STALL_SECONDS: '0'"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn retention_takes_durations_zero_and_off() {
+        let retention =
+            |v: &str| Config::from_vars(vars(&[("POSTHORN_RETENTION", v)])).map(|c| c.retention);
+        let hours = |h: u64| Some(Duration::from_secs(h * 3600));
+        assert_eq!(retention("7d").expect("7d"), hours(7 * 24));
+        assert_eq!(retention("12h").expect("12h"), hours(12));
+        assert_eq!(
+            retention("30m").expect("30m"),
+            Some(Duration::from_secs(30 * 60))
+        );
+        assert_eq!(
+            retention("1h 30m").expect("1h 30m"),
+            Some(Duration::from_secs(5400))
+        );
+        assert_eq!(retention("0").expect("0"), Some(Duration::ZERO));
+        assert_eq!(retention(" off ").expect("off"), None);
+        for bad in ["7", "seven days", "-1d", ""] {
+            let msg = retention(bad).expect_err(bad).to_string();
+            assert!(msg.starts_with("POSTHORN_RETENTION: '"), "{msg}");
+            assert!(msg.ends_with("(example: POSTHORN_RETENTION=7d)"), "{msg}");
+        }
     }
 
     #[test]
@@ -876,20 +973,16 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86_400)));
-        assert_eq!(parse_duration("1.5s"), None);
-        assert_eq!(parse_duration("s"), None);
+    fn the_lease_ttl_is_a_duration_within_bounds() {
         let c = Config::from_vars(vars(&[("POSTHORN_LEASE_TTL", "3s")])).expect("valid");
         assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        let c = Config::from_vars(vars(&[("POSTHORN_LEASE_TTL", "1m")])).expect("valid");
+        assert_eq!(c.lease_ttl, Duration::from_secs(60));
         let msg = Config::from_vars(vars(&[("POSTHORN_LEASE_TTL", "500ms")]))
             .expect_err("too short")
             .to_string();
         assert!(msg.starts_with("POSTHORN_LEASE_TTL: '500ms'"), "{msg}");
+        assert!(Config::from_vars(vars(&[("POSTHORN_LEASE_TTL", "ten")])).is_err());
     }
 
     #[test]

@@ -1,10 +1,14 @@
-//! Every log line the relay emits, one struct per event, so what posthorn reports is listed in
-//! one place (and metrics can join the logs here). Messages are sentences; fields are key/values;
-//! no event carries a secret (database URLs are always the redacted form).
+//! Every log line and metric update posthorn emits, one struct per event, so what posthorn
+//! reports is listed in one place: an event's `emit()` writes its log line and updates its
+//! metrics (`metrics::METRICS`); some events are metrics only. Messages are sentences; fields are
+//! key/values; no event carries a secret (database URLs are always the redacted form).
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
 
 use tracing::{debug, error, info, warn};
+
+use crate::metrics::METRICS;
 
 pub struct RelayStarted<'a> {
     pub database: &'a str,
@@ -21,6 +25,8 @@ impl RelayStarted<'_> {
             batch_size = self.batch_size,
             "Relay started."
         );
+        // A standby until the lease is acquired.
+        METRICS.leader.set(0);
     }
 }
 
@@ -41,6 +47,12 @@ pub struct BatchPublished {
     pub n_marked: u64,
     pub n_failed: usize,
     pub n_held: usize,
+    /// Records Kafka failed for reasons that may pass.
+    pub n_transient: usize,
+    /// Records failed with their whole record batch: sent again one at a time.
+    pub n_suspect: usize,
+    /// Rows Kafka will never accept.
+    pub n_poisoned: usize,
     pub elapsed: Duration,
 }
 impl BatchPublished {
@@ -53,6 +65,81 @@ impl BatchPublished {
             elapsed_ms = self.elapsed.as_millis() as u64,
             "Batch published."
         );
+        METRICS.batch_rows.observe(self.n_rows as f64);
+        METRICS.batch_duration.observe(self.elapsed.as_secs_f64());
+        METRICS.rows_delivered.inc_by(self.n_marked);
+        for (kind, n) in [
+            ("transient", self.n_transient),
+            ("suspect", self.n_suspect),
+            ("poison", self.n_poisoned),
+        ] {
+            if n > 0 {
+                METRICS
+                    .publish_failures
+                    .with_label_values(&[kind])
+                    .inc_by(n as u64);
+            }
+        }
+    }
+}
+
+/// Kafka acknowledged one record (metrics only: a log line per record would drown the rest).
+pub struct RecordAcknowledged<'a> {
+    pub topic: &'a str,
+    /// The row's `created_at`, microseconds since the Unix epoch by Postgres' clock.
+    pub created_at_us: i64,
+}
+impl RecordAcknowledged<'_> {
+    pub fn emit(self) {
+        METRICS
+            .rows_published
+            .with_label_values(&[self.topic])
+            .inc();
+        let now_us = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        // Clocks of two hosts: a row can seem acknowledged before it was written.
+        let latency_us = now_us.saturating_sub(self.created_at_us).max(0);
+        METRICS.commit_to_ack.observe(latency_us as f64 / 1e6);
+    }
+}
+
+/// The producer's queue, sampled while a batch is in flight (metrics only).
+pub struct ProducerQueue {
+    pub n_in_flight: i32,
+}
+impl ProducerQueue {
+    pub fn emit(self) {
+        METRICS.producer_in_flight.set(i64::from(self.n_in_flight));
+    }
+}
+
+/// librdkafka reported an error for the relay's producer; it reconnects by itself.
+pub struct ProducerClientError<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub reason: &'a str,
+    /// A connection to a broker failed or was lost.
+    pub connection_lost: bool,
+}
+impl ProducerClientError<'_> {
+    pub fn emit(self) {
+        error!(error = %self.error, reason = self.reason, "librdkafka reported an error.");
+        if self.connection_lost {
+            METRICS.reconnects.with_label_values(&["kafka"]).inc();
+        }
+    }
+}
+
+/// librdkafka reported an error for the readiness probe's client: `/readyz` reports it, so it
+/// is logged at debug only.
+pub struct ProbeClientError<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub reason: &'a str,
+}
+impl ProbeClientError<'_> {
+    pub fn emit(self) {
+        debug!(error = %self.error, reason = self.reason, "The readiness probe's Kafka client reported an error.");
     }
 }
 
@@ -79,6 +166,7 @@ impl ProducerReplaced<'_> {
             reason = self.reason,
             "Replacing the Kafka producer; resuming from the oldest unacknowledged row."
         );
+        METRICS.reconnects.with_label_values(&["kafka"]).inc();
     }
 }
 
@@ -103,6 +191,7 @@ impl RowPoisoned<'_> {
             consequence,
             "Kafka will never accept this row; marked it failed."
         );
+        METRICS.rows_dead_lettered.inc();
     }
 }
 
@@ -126,6 +215,7 @@ impl ProducerCreateFailed<'_> {
     pub fn emit(self) {
         error!(error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64,
             "Creating the Kafka producer failed; retrying.");
+        METRICS.reconnects.with_label_values(&["kafka"]).inc();
     }
 }
 
@@ -143,6 +233,7 @@ impl DatabaseFailed<'_> {
         } else {
             warn!(error = %self.error, retry_in_ms, "Postgres is unavailable; retrying.");
         }
+        METRICS.reconnects.with_label_values(&["postgres"]).inc();
     }
 }
 
@@ -155,6 +246,7 @@ impl MarkFailed<'_> {
     pub fn emit(self) {
         warn!(error = %self.error, n_rows = self.n_rows, retry_in_ms = self.retry_in.as_millis() as u64,
             "Marking acknowledged rows failed; retrying (unmarked rows are published again).");
+        METRICS.reconnects.with_label_values(&["postgres"]).inc();
     }
 }
 
@@ -166,6 +258,7 @@ impl ListenFailed<'_> {
     pub fn emit(self) {
         warn!(error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64,
             "LISTEN connection failed; polling continues meanwhile.");
+        METRICS.reconnects.with_label_values(&["postgres"]).inc();
     }
 }
 
@@ -185,6 +278,7 @@ pub struct ListenReconnecting;
 impl ListenReconnecting {
     pub fn emit(self) {
         warn!("LISTEN connection lost; reconnecting.");
+        METRICS.reconnects.with_label_values(&["postgres"]).inc();
     }
 }
 
@@ -211,6 +305,163 @@ impl RelayStopped {
             n_unacknowledged = self.n_unacknowledged,
             "Relay stopped."
         );
+        METRICS.leader.set(0);
+        METRICS.producer_in_flight.set(0);
+    }
+}
+
+pub struct HttpListening {
+    pub addr: SocketAddr,
+}
+impl HttpListening {
+    pub fn emit(self) {
+        info!(
+            addr = %self.addr,
+            "Serving /metrics, /healthz and /readyz."
+        );
+    }
+}
+
+pub struct HttpFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+}
+impl HttpFailed<'_> {
+    pub fn emit(self) {
+        error!(error = %self.error, "The HTTP server failed; /metrics, /healthz and /readyz are gone.");
+    }
+}
+
+pub struct MetricsEncodeFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+}
+impl MetricsEncodeFailed<'_> {
+    pub fn emit(self) {
+        error!(error = %self.error, "Encoding the metrics failed.");
+    }
+}
+
+/// The periodic backlog query's result (metrics only).
+pub struct BacklogMeasured {
+    pub n_pending: i64,
+    pub oldest_pending_age: Duration,
+    pub n_failed: i64,
+}
+impl BacklogMeasured {
+    pub fn emit(self) {
+        METRICS.backlog_rows.set(self.n_pending);
+        METRICS
+            .oldest_pending_age
+            .set(self.oldest_pending_age.as_secs_f64());
+        METRICS.failed_rows.set(self.n_failed);
+    }
+}
+
+pub struct BacklogFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    /// The previous measurement failed too (and was logged).
+    pub again: bool,
+}
+impl BacklogFailed<'_> {
+    pub fn emit(self) {
+        if self.again {
+            debug!(error = %self.error, "Measuring the backlog failed again.");
+        } else {
+            warn!(error = %self.error,
+                "Measuring the backlog failed; the backlog gauges keep their last values until it succeeds.");
+        }
+    }
+}
+
+/// The periodic summary at info: throughput and lag at a glance.
+pub struct Summary {
+    pub period: Duration,
+    pub n_delivered: u64,
+    /// The last backlog measurement, if one succeeded.
+    pub n_pending: Option<i64>,
+    pub oldest_pending_age: Option<Duration>,
+    pub n_failed: Option<i64>,
+}
+impl Summary {
+    pub fn emit(self) {
+        let seconds = self.period.as_secs_f64().max(0.001);
+        info!(
+            rows_per_second = (self.n_delivered as f64 / seconds * 10.0).round() / 10.0,
+            n_delivered = self.n_delivered,
+            period_s = self.period.as_secs(),
+            backlog = self
+                .n_pending
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            oldest_pending_age_s = self
+                .oldest_pending_age
+                .map(|a| format!("{:.1}", a.as_secs_f64()))
+                .unwrap_or_else(|| "unknown".into()),
+            failed = self
+                .n_failed
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            "Summary."
+        );
+    }
+}
+
+/// `/readyz`'s answer changed.
+pub struct ReadinessChanged<'a> {
+    pub ready: bool,
+    pub postgres: &'a str,
+    pub kafka: &'a str,
+    pub schema: &'a str,
+}
+impl ReadinessChanged<'_> {
+    pub fn emit(self) {
+        if self.ready {
+            info!(
+                postgres = self.postgres,
+                kafka = self.kafka,
+                schema = self.schema,
+                "Ready: Postgres and Kafka answer and the outbox table is in place."
+            );
+        } else {
+            warn!(
+                postgres = self.postgres,
+                kafka = self.kafka,
+                schema = self.schema,
+                "Not ready."
+            );
+        }
+    }
+}
+
+pub struct RetentionSwept {
+    pub n_deleted: u64,
+    pub retention: Duration,
+    pub elapsed: Duration,
+}
+impl RetentionSwept {
+    pub fn emit(self) {
+        if self.n_deleted > 0 {
+            info!(
+                n_deleted = self.n_deleted,
+                retention = %humantime::format_duration(self.retention),
+                elapsed_ms = self.elapsed.as_millis() as u64,
+                "Deleted delivered rows older than the retention period."
+            );
+        }
+        METRICS.retention_deleted.inc_by(self.n_deleted);
+    }
+}
+
+pub struct RetentionFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub n_deleted: u64,
+    pub retry_in: Duration,
+}
+impl RetentionFailed<'_> {
+    pub fn emit(self) {
+        warn!(error = %self.error, n_deleted = self.n_deleted,
+            retry_in_s = self.retry_in.as_secs(),
+            "Deleting delivered rows after the retention period failed; trying again later.");
+        METRICS.retention_deleted.inc_by(self.n_deleted);
     }
 }
 
@@ -225,6 +476,7 @@ impl LeadershipAcquired<'_> {
             epoch = self.epoch,
             "Acquired the lease: this instance now publishes."
         );
+        METRICS.leader.set(1);
     }
 }
 
@@ -239,6 +491,7 @@ impl LeadershipLost<'_> {
             reason = self.reason,
             "Lost the lease: this instance stops publishing and stands by."
         );
+        METRICS.leader.set(0);
     }
 }
 
@@ -251,6 +504,7 @@ impl LeaseReleased {
             epoch = self.epoch,
             "Released the lease: a standby takes over at its next poll."
         );
+        METRICS.leader.set(0);
     }
 }
 

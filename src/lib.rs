@@ -11,18 +11,26 @@
 //! - [`lease`]: one publisher per outbox (a lease row with an epoch).
 //! - [`relay`]: the loop that ties them together.
 //! - [`migrate`]: the outbox schema, applied by `posthorn migrate`.
-//! - [`cli`], [`events`], [`retry`], [`shutdown`]: the edges.
+//! - [`sidecar`]: `posthorn run` as deployed: the relay plus [`http`] (`/metrics`, `/healthz`,
+//!   `/readyz`), [`health`], [`backlog`] and [`retention`], stopped together.
+//! - [`cli`], [`events`], [`metrics`], [`retry`], [`shutdown`]: the edges.
 //!
 //! See ARCHITECTURE.md for the invariants.
 
 pub mod acks;
+pub mod backlog;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod health;
+pub mod http;
 pub mod lease;
+pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod publisher;
 pub mod relay;
+pub mod retention;
 pub mod retry;
 pub mod shutdown;
+pub mod sidecar;

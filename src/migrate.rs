@@ -123,6 +123,7 @@ mod tests {
         assert!(all.contains("CREATE TABLE order_events"));
         assert!(all.contains("ALTER TABLE order_events ADD COLUMN failed_at"));
         assert!(all.contains("order_events_pending_idx"));
+        assert!(all.contains("CREATE INDEX IF NOT EXISTS order_events_delivered_idx"));
     }
 
     #[test]

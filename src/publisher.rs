@@ -5,9 +5,12 @@
 //! producer, so rows sent in id order reach each partition in id order.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::admin::AdminClient;
+use rdkafka::client::{Client, ClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -19,6 +22,7 @@ use crate::config::{
     is_secret_property, kafka_property_var, topic_name_problem, ConfigError, KafkaConfig,
     TopicTemplate,
 };
+use crate::events;
 use crate::outbox::OutboxRow;
 use crate::shutdown::Shutdown;
 
@@ -56,9 +60,40 @@ pub enum PublisherError {
     Metadata { brokers: String, source: KafkaError },
 }
 
+/// Which of posthorn's Kafka clients librdkafka reports a global error for. The error goes to
+/// `events` (rdkafka's default context would log it the same way); the producer's lost
+/// connections count as Kafka reconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaClient {
+    /// The relay's producer.
+    Producer,
+    /// The readiness probe's client: its errors are expected while a broker is down, and
+    /// `/readyz` reports them.
+    Probe,
+}
+
+impl ClientContext for KafkaClient {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match self {
+            KafkaClient::Producer => events::ProducerClientError {
+                error: &error,
+                reason,
+                connection_lost: error.rdkafka_error_code()
+                    == Some(RDKafkaErrorCode::BrokerTransportFailure),
+            }
+            .emit(),
+            KafkaClient::Probe => events::ProbeClientError {
+                error: &error,
+                reason,
+            }
+            .emit(),
+        }
+    }
+}
+
 /// The idempotent producer and the rules that turn a row into a record.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaClient>,
     topic_template: TopicTemplate,
     brokers: String,
 }
@@ -77,21 +112,9 @@ impl Publisher {
         topic_template: &TopicTemplate,
     ) -> Result<Publisher, PublisherError> {
         let config = client_config(kafka);
-        let producer: FutureProducer = config.create().map_err(|err| match err {
-            KafkaError::ClientConfig(_, description, property, _) => {
-                let problem = if is_secret_property(&property) {
-                    "librdkafka rejected this property".to_owned()
-                } else {
-                    format!("librdkafka rejected it: {description}")
-                };
-                PublisherError::Config(ConfigError::Invalid {
-                    var: kafka_property_var(&property),
-                    problem,
-                    example: "see the librdkafka CONFIGURATION.md for valid properties",
-                })
-            }
-            other => PublisherError::Create(other),
-        })?;
+        let producer: FutureProducer<KafkaClient> = config
+            .create_with_context(KafkaClient::Producer)
+            .map_err(creation_error)?;
         Ok(Publisher {
             producer,
             topic_template: topic_template.clone(),
@@ -143,7 +166,7 @@ impl Publisher {
                     while !tracker.is_settled(j) {
                         tokio::select! {
                             next = pending.next() => match next {
-                                Some((k, delivery)) => report.add(settle(tracker, k, delivery, alone)),
+                                Some(sent) => report.add(settle(tracker, rows, sent, alone)),
                                 None => break,
                             },
                             _ = shutdown.triggered() => break 'send,
@@ -167,15 +190,17 @@ impl Publisher {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push(async move { (i, delivery.await) });
+                        let record_topic = topic.clone();
+                        pending.push(async move { (i, record_topic, delivery.await) });
                         last_sent.insert(aggregate, (i, topic));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         // librdkafka's queue is full: wait for a delivery report to free room.
                         record = back;
+                        self.report_queue();
                         match pending.next().await {
-                            Some((j, delivery)) => report.add(settle(tracker, j, delivery, alone)),
+                            Some(sent) => report.add(settle(tracker, rows, sent, alone)),
                             None => tokio::time::sleep(Duration::from_millis(10)).await,
                         }
                     }
@@ -194,9 +219,10 @@ impl Publisher {
             deadline = Some(Instant::now() + grace);
         }
         while !pending.is_empty() {
+            self.report_queue();
             let stop_at = deadline.unwrap_or_else(Instant::now);
             tokio::select! {
-                Some((j, delivery)) = pending.next() => report.add(settle(tracker, j, delivery, alone)),
+                Some(sent) = pending.next() => report.add(settle(tracker, rows, sent, alone)),
                 _ = shutdown.triggered(), if deadline.is_none() => {
                     deadline = Some(Instant::now() + grace);
                 }
@@ -213,6 +239,7 @@ impl Publisher {
         if !still_leader() {
             self.purge();
         }
+        self.report_queue();
         report
     }
 
@@ -220,6 +247,14 @@ impl Publisher {
     fn purge(&self) {
         self.producer
             .purge(PurgeConfig::default().queue().inflight().non_blocking());
+    }
+
+    /// Samples the producer's queue for the in-flight gauge.
+    fn report_queue(&self) {
+        events::ProducerQueue {
+            n_in_flight: self.in_flight(),
+        }
+        .emit();
     }
 
     /// After a fatal error librdkafka produces nothing more, and records never time out here:
@@ -383,6 +418,100 @@ impl Publisher {
     }
 }
 
+/// A light Kafka client of its own that answers "does a broker answer?" for `/readyz`, without
+/// touching the relay's producer.
+pub struct KafkaProbe {
+    client: Arc<AdminClient<KafkaClient>>,
+    brokers: String,
+}
+
+impl KafkaProbe {
+    /// Connects with the user's properties (security, SASL) but none of the producer's.
+    pub fn new(kafka: &KafkaConfig) -> Result<KafkaProbe, PublisherError> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &kafka.brokers);
+        for (k, v) in &kafka.properties {
+            config.set(k, v);
+        }
+        config.set("client.id", "posthorn-probe");
+        let client: AdminClient<KafkaClient> = config
+            .create_with_context(KafkaClient::Probe)
+            .map_err(creation_error)?;
+        Ok(KafkaProbe {
+            client: Arc::new(client),
+            brokers: kafka.brokers.clone(),
+        })
+    }
+
+    /// Asks a broker for the cluster's brokers (no topics: cheap on clusters with thousands of
+    /// them), waiting at most `timeout`. Returns how many brokers the cluster has.
+    pub async fn check(&self, timeout: Duration) -> Result<usize, PublisherError> {
+        let client = self.client.clone();
+        let metadata =
+            tokio::task::spawn_blocking(move || brokers_only_metadata(client.inner(), timeout))
+                .await
+                .unwrap_or(Err(KafkaError::Canceled));
+        metadata.map_err(|source| PublisherError::Metadata {
+            brokers: self.brokers.clone(),
+            source,
+        })
+    }
+}
+
+/// A metadata request for brokers only. rdkafka's safe `fetch_metadata` asks for one topic or
+/// for all of them; librdkafka asks for none when given `all_topics = 0` and no topic handle
+/// on a client that knows no topics, as the probe's client never does.
+fn brokers_only_metadata<C: ClientContext>(
+    client: &Client<C>,
+    timeout: Duration,
+) -> Result<usize, KafkaError> {
+    use rdkafka::bindings as rd;
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let mut metadata: *const rd::rd_kafka_metadata = std::ptr::null();
+    // SAFETY: `native_ptr` is a live rd_kafka_t for as long as `client` is borrowed, and
+    // `metadata` is a valid out-pointer; librdkafka blocks for at most `timeout_ms`.
+    let code = unsafe {
+        rd::rd_kafka_metadata(
+            client.native_ptr(),
+            0,
+            std::ptr::null_mut(),
+            &mut metadata,
+            timeout_ms,
+        )
+    };
+    if code != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return Err(KafkaError::MetadataFetch(code.into()));
+    }
+    if metadata.is_null() {
+        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::Fail));
+    }
+    // SAFETY: on success librdkafka set `metadata` to a structure we own until we pass it to
+    // rd_kafka_metadata_destroy, once, after the last read.
+    let n_brokers = unsafe { (*metadata).broker_cnt };
+    unsafe { rd::rd_kafka_metadata_destroy(metadata) };
+    Ok(usize::try_from(n_brokers).unwrap_or(0))
+}
+
+/// A client librdkafka refused to create: an invalid property is a configuration error naming
+/// its variable (but never a secret's value or librdkafka's description of it).
+fn creation_error(err: KafkaError) -> PublisherError {
+    match err {
+        KafkaError::ClientConfig(_, description, property, _) => {
+            let problem = if is_secret_property(&property) {
+                "librdkafka rejected this property".to_owned()
+            } else {
+                format!("librdkafka rejected it: {description}")
+            };
+            PublisherError::Config(ConfigError::Invalid {
+                var: kafka_property_var(&property),
+                problem,
+                example: "see the librdkafka CONFIGURATION.md for valid properties",
+            })
+        }
+        other => PublisherError::Create(other),
+    }
+}
+
 fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.brokers);
@@ -418,6 +547,9 @@ type Report = Result<
     rdkafka::producer::future_producer::OwnedDeliveryResult,
     futures::channel::oneshot::Canceled,
 >;
+
+/// A sent record: the row's index in the batch, its topic, and its delivery report.
+type Sent = (usize, String, Report);
 
 /// Whether a dead-letter record carries the row's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,10 +597,16 @@ enum Verdict {
 }
 
 /// Records a delivery report in the tracker.
-fn settle(tracker: &mut Tracker<'_>, i: usize, report: Report, alone: bool) -> Verdict {
+fn settle(tracker: &mut Tracker<'_>, rows: &[OutboxRow], sent: Sent, alone: bool) -> Verdict {
+    let (i, topic, report) = sent;
     match report {
         Ok(Ok(_delivery)) => {
             tracker.ack(i);
+            events::RecordAcknowledged {
+                topic: &topic,
+                created_at_us: rows[i].created_at_us,
+            }
+            .emit();
             Verdict::Acked
         }
         Ok(Err((err, _message))) => record_failure(tracker, i, &err, alone),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::acks::{Deliverable, Tracker};
 use crate::config::{Config, ConfigError, PoisonPolicy};
 use crate::events;
+use crate::health::Heartbeat;
 use crate::lease::{Keeper, Lease};
 use crate::outbox::{Outbox, OutboxError, OutboxRow};
 use crate::publisher::{DeadLetterPayload, PublishReport, Publisher, PublisherError};
@@ -53,7 +54,17 @@ pub struct RelayStats {
 ///
 /// Errors only for settings that can never work (an invalid Kafka property, an unparsable
 /// database URL), before any row is read.
-pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, RelayError> {
+pub async fn run(config: &Config, shutdown: Shutdown) -> Result<RelayStats, RelayError> {
+    run_with_heartbeat(config, shutdown, &Heartbeat::new()).await
+}
+
+/// [`run`], beating `heartbeat` at every iteration and while it legitimately waits (for the
+/// lease, for rows, for the broker, in a backoff), so `/healthz` can tell a wedged loop.
+pub async fn run_with_heartbeat(
+    config: &Config,
+    mut shutdown: Shutdown,
+    heartbeat: &Heartbeat,
+) -> Result<RelayStats, RelayError> {
     let outbox = Outbox::connect_lazy(
         &config.database,
         &config.outbox,
@@ -98,13 +109,22 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
             }
             .emit();
         }
-        let leadership = tokio::select! {
-            _ = shutdown.triggered() => break 'standby,
-            leadership = keeper.leadership() => leadership,
+        // A standby waits for the lease as long as another instance holds it: a legitimate wait.
+        let leadership = heartbeat
+            .during(async {
+                tokio::select! {
+                    _ = shutdown.triggered() => None,
+                    leadership = keeper.leadership() => Some(leadership),
+                }
+            })
+            .await;
+        let Some(leadership) = leadership else {
+            break 'standby;
         };
         let epoch = leadership.epoch;
         last_epoch = Some(epoch);
         while !shutdown.is_triggered() {
+            heartbeat.beat();
             if !keeper.leads_with(epoch) {
                 // Lost the lease: drop the producer (purging whatever it still holds) and
                 // stand by. Marks of this epoch would be refused anyway.
@@ -140,30 +160,37 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<RelayStats, 
                         missing_table: err.is_undefined_table(),
                     }
                     .emit();
-                    sleep_unless_stopped(retry_in, &mut shutdown).await;
+                    sleep_unless_stopped(retry_in, &mut shutdown, heartbeat).await;
                     continue;
                 }
             };
             if rows.is_empty() {
                 relay.n_isolated = 0;
-                relay.flush_mark(epoch, &shutdown).await;
+                relay.flush_mark(epoch, &shutdown, heartbeat).await;
                 // LISTEN was set up before this read, so a commit after it has already stored a
                 // wake-up permit: no notification can fall between the read and the wait. An
                 // idle leader publishes nothing; the lease is checked again after the wake.
-                tokio::select! {
-                    _ = shutdown.triggered() => break 'standby,
-                    _ = wakeups.notified() => {}
-                    _ = tokio::time::sleep(config.poll_interval) => {}
+                let stop = heartbeat
+                    .during(async {
+                        tokio::select! {
+                            _ = shutdown.triggered() => true,
+                            _ = wakeups.notified() => false,
+                            _ = tokio::time::sleep(config.poll_interval) => false,
+                        }
+                    })
+                    .await;
+                if stop {
+                    break 'standby;
                 }
                 continue;
             }
             relay
-                .publish_batch(rows, epoch, &keeper, &mut shutdown)
+                .publish_batch(rows, epoch, &keeper, &mut shutdown, heartbeat)
                 .await;
         }
     }
     if let Some(epoch) = last_epoch {
-        relay.flush_mark(epoch, &shutdown).await;
+        relay.flush_mark(epoch, &shutdown, heartbeat).await;
     }
 
     keeper.stop().await;
@@ -206,9 +233,10 @@ struct Relay<'a> {
 
 impl Relay<'_> {
     /// Marks the batch whose mark was deferred, if any.
-    async fn flush_mark(&mut self, epoch: i64, shutdown: &Shutdown) {
+    async fn flush_mark(&mut self, epoch: i64, shutdown: &Shutdown, heartbeat: &Heartbeat) {
         if let Some(deliverable) = self.pending_mark.take() {
-            self.stats.n_published += mark(&self.outbox, &deliverable, epoch, shutdown).await;
+            self.stats.n_published +=
+                mark(&self.outbox, &deliverable, epoch, shutdown, heartbeat).await;
         }
     }
 
@@ -225,6 +253,7 @@ impl Relay<'_> {
         epoch: i64,
         keeper: &Keeper,
         shutdown: &mut Shutdown,
+        heartbeat: &Heartbeat,
     ) {
         let config = self.config;
         let producer = match self.publisher.take() {
@@ -238,7 +267,7 @@ impl Relay<'_> {
                         retry_in,
                     }
                     .emit();
-                    sleep_unless_stopped(retry_in, shutdown).await;
+                    sleep_unless_stopped(retry_in, shutdown, heartbeat).await;
                     return;
                 }
             },
@@ -259,14 +288,15 @@ impl Relay<'_> {
         };
         let mark_shutdown = shutdown.clone();
         let outbox = &self.outbox;
+        // A batch waits as long as the broker is away: that is a legitimate wait.
         let (report, next, n_marked_previous) = tokio::join!(
-            producer.publish(
+            heartbeat.during(producer.publish(
                 &rows,
                 &mut tracker,
                 shutdown,
                 config.shutdown_timeout,
                 &still_leader,
-            ),
+            )),
             async {
                 if read_ahead {
                     outbox
@@ -279,7 +309,7 @@ impl Relay<'_> {
             },
             async {
                 match &previous {
-                    Some(d) => mark(outbox, d, epoch, &mark_shutdown).await,
+                    Some(d) => mark(outbox, d, epoch, &mark_shutdown, heartbeat).await,
                     None => 0,
                 }
             },
@@ -296,6 +326,9 @@ impl Relay<'_> {
                 n_marked: n_marked_previous,
                 n_failed: 0,
                 n_held: 0,
+                n_transient: 0,
+                n_suspect: 0,
+                n_poisoned: 0,
                 elapsed: started.elapsed(),
             }
             .emit();
@@ -306,7 +339,14 @@ impl Relay<'_> {
             return;
         }
 
-        let n_marked = mark(&self.outbox, &settled.deliverable, epoch, shutdown).await;
+        let n_marked = mark(
+            &self.outbox,
+            &settled.deliverable,
+            epoch,
+            shutdown,
+            heartbeat,
+        )
+        .await;
         self.stats.n_published += n_marked;
         self.n_unacknowledged = settled.n_held;
         events::BatchPublished {
@@ -314,6 +354,9 @@ impl Relay<'_> {
             n_marked,
             n_failed: settled.failed.len() + settled.poisoned.len(),
             n_held: settled.n_held,
+            n_transient: report.n_transient,
+            n_suspect: report.n_suspect,
+            n_poisoned: settled.poisoned.len(),
             elapsed: started.elapsed(),
         }
         .emit();
@@ -350,14 +393,15 @@ impl Relay<'_> {
         }
 
         let mut failed = settled.failed;
-        let poisoned = settle_poison(
-            &rows,
-            settled.poisoned,
-            &mut self.publisher,
-            config,
-            &mut failed,
-        )
-        .await;
+        let poisoned = heartbeat
+            .during(settle_poison(
+                &rows,
+                settled.poisoned,
+                &mut self.publisher,
+                config,
+                &mut failed,
+            ))
+            .await;
         if let Err(err) = self.outbox.record_failures(&failed).await {
             events::DatabaseFailed {
                 error: &err,
@@ -378,7 +422,7 @@ impl Relay<'_> {
         if report.n_transient > 0 || (!failed.is_empty() && n_marked == 0 && poisoned.is_empty()) {
             // Kafka is failing records, or nothing but retries is left: wait before trying
             // again rather than spinning.
-            sleep_unless_stopped(self.kafka_backoff.next_delay(), shutdown).await;
+            sleep_unless_stopped(self.kafka_backoff.next_delay(), shutdown, heartbeat).await;
         } else {
             self.kafka_backoff.reset();
         }
@@ -486,7 +530,13 @@ async fn ensure_usable_producer(publisher: &mut Option<Publisher>, config: &Conf
 /// Marks acknowledged rows, retrying while Postgres is unavailable. A row that stays unmarked
 /// is published again later (a duplicate, never a loss), so after a stop signal it tries a few
 /// more times and then gives up.
-async fn mark(outbox: &Outbox, rows: &Deliverable, epoch: i64, shutdown: &Shutdown) -> u64 {
+async fn mark(
+    outbox: &Outbox,
+    rows: &Deliverable,
+    epoch: i64,
+    shutdown: &Shutdown,
+    heartbeat: &Heartbeat,
+) -> u64 {
     const ATTEMPTS_AFTER_STOP: u32 = 3;
     let mut backoff = Backoff::with_bounds(Duration::from_millis(50), Duration::from_secs(5));
     let mut attempts_after_stop = 0;
@@ -507,15 +557,19 @@ async fn mark(outbox: &Outbox, rows: &Deliverable, epoch: i64, shutdown: &Shutdo
                         return 0;
                     }
                 }
-                tokio::time::sleep(retry_in).await;
+                heartbeat.during(tokio::time::sleep(retry_in)).await;
             }
         }
     }
 }
 
-async fn sleep_unless_stopped(delay: Duration, shutdown: &mut Shutdown) {
-    tokio::select! {
-        _ = shutdown.triggered() => {}
-        _ = tokio::time::sleep(delay) => {}
-    }
+async fn sleep_unless_stopped(delay: Duration, shutdown: &mut Shutdown, heartbeat: &Heartbeat) {
+    heartbeat
+        .during(async {
+            tokio::select! {
+                _ = shutdown.triggered() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+        })
+        .await;
 }

@@ -4,6 +4,7 @@ mod cross_client;
 mod delivery;
 mod faults;
 mod leader;
+mod ops;
 mod poison;
 mod process;
 mod restarts;

@@ -33,7 +33,8 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
         .execute(&storage.pool)
         .await
         .expect("empty the broker's database");
-    let mut broker = PrivateBroker::start(&format!("{}?sslmode=disable", storage.url)).await;
+    let mut broker =
+        PrivateBroker::start_with_storage(&format!("{}?sslmode=disable", storage.url)).await;
     let topic = unique("it-broker-restart");
     create_topic_at(&broker.brokers(), &topic, 3).await;
     let keys: Vec<String> = (0..N_KEYS).map(|k| format!("k{k}")).collect();
@@ -55,7 +56,7 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
         || async { delivered(&db).await >= (N_KEYS * N_PER_KEY / 4) as i64 },
     )
     .await;
-    broker.kill();
+    broker.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         relay.child.try_wait().expect("poll").is_none(),

@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -159,6 +161,8 @@ pub fn env_vars(database_url: &str, extra: &[(&str, &str)]) -> Vec<(String, Stri
         ("POSTHORN_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
         // One name per test: a relay restarted by the test takes its own lease over at once.
         ("POSTHORN_INSTANCE_ID".to_owned(), unique("it")),
+        // Any free port: tests run relays side by side.
+        ("POSTHORN_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
     ];
     for (k, v) in extra {
         vars.retain(|(existing, _)| existing != k);
@@ -209,18 +213,40 @@ pub fn posthorn_command(vars: &[(String, String)]) -> Command {
 /// A `posthorn run` child process; killed (SIGKILL) when dropped.
 pub struct RelayProcess {
     pub child: Child,
+    /// Where its stderr (the log) goes.
+    pub log: PathBuf,
 }
 
 impl RelayProcess {
     pub fn spawn(vars: &[(String, String)], log: &std::path::Path) -> RelayProcess {
-        let log = std::fs::File::create(log).expect("creating the relay log");
+        let file = std::fs::File::create(log).expect("creating the relay log");
         let child = posthorn_command(vars)
             .arg("run")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(file)
             .spawn()
             .expect("starting posthorn");
-        RelayProcess { child }
+        RelayProcess {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// The address its HTTP endpoints listen on, from its log (text format), once it is there.
+    pub async fn http_addr(&self) -> SocketAddr {
+        let mut addr = None;
+        wait_until(
+            Duration::from_secs(30),
+            "the relay logs its HTTP address",
+            || {
+                addr = std::fs::read_to_string(&self.log)
+                    .ok()
+                    .and_then(|log| http_addr_in_log(&log));
+                std::future::ready(addr.is_some())
+            },
+        )
+        .await;
+        addr.expect("waited for it")
     }
 
     pub fn signal(&self, signal: &str) {
@@ -252,6 +278,195 @@ impl Drop for RelayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+fn http_addr_in_log(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .find(|line| line.contains("Serving /metrics, /healthz and /readyz."))?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))?
+        .parse()
+        .ok()
+}
+
+/// A fresh path for a relay's log under the test target directory (kept for inspection).
+pub fn relay_log_path(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay-logs");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir.join(format!("{}.log", unique(name)))
+}
+
+/// Runs the `posthorn` binary to completion: (exit status, stdout, stderr).
+pub fn run_posthorn(args: &[&str], vars: &[(String, String)]) -> (i32, String, String) {
+    let out = posthorn_command(vars)
+        .args(args)
+        .output()
+        .expect("running posthorn");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+/// GET `http://addr/path`: (status, body). Any status is an answer, not an error.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let url = format!("http://{addr}{path}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let mut response = agent
+            .get(&url)
+            .call()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| panic!("reading {url}: {e}"));
+        (status, body)
+    })
+    .await
+    .expect("HTTP client thread")
+}
+
+/// One scrape of `/metrics`, parsed by a Prometheus text-format parser.
+pub struct Scrape {
+    pub parsed: prometheus_parse::Scrape,
+    /// As served, for failure messages.
+    pub text: String,
+}
+
+impl Scrape {
+    pub async fn from(addr: SocketAddr) -> Scrape {
+        let (status, text) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200, "/metrics answers 200: {text}");
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let parsed = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
+        Scrape { parsed, text }
+    }
+
+    /// The value of a counter, gauge or untyped sample with exactly these labels.
+    pub fn value(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        use prometheus_parse::Value;
+        self.parsed
+            .samples
+            .iter()
+            .filter(|s| s.metric == metric && s.labels.len() == labels.len())
+            .find(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .and_then(|s| match s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+    }
+
+    /// A histogram's observation count (its `+Inf` bucket).
+    pub fn histogram_count(&self, metric: &str) -> Option<f64> {
+        self.parsed
+            .samples
+            .iter()
+            .find(|s| s.metric == metric)
+            .and_then(|s| match &s.value {
+                prometheus_parse::Value::Histogram(buckets) => buckets
+                    .iter()
+                    .find(|b| b.less_than.is_infinite())
+                    .map(|b| b.count),
+                _ => None,
+            })
+    }
+}
+
+/// A broker process of the test's own (the nisshi binary named by `POSTHORN_NISSHI`, which
+/// `scripts/services.sh env` prints), on a free loopback port: a test may stop and restart it
+/// without disturbing the shared broker other tests use. Killed when dropped.
+pub struct PrivateBroker {
+    pub port: u16,
+    /// nisshi's `--storage-engine`.
+    storage: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl PrivateBroker {
+    /// In-memory storage: a restart starts empty.
+    pub async fn start() -> PrivateBroker {
+        PrivateBroker::start_with_storage("memory://nisshi/").await
+    }
+
+    /// `storage` is a `postgres://` URL of an empty database, so records survive a restart.
+    pub async fn start_with_storage(storage: &str) -> PrivateBroker {
+        let mut broker = PrivateBroker {
+            port: free_port(),
+            storage: storage.to_owned(),
+            child: None,
+            log: relay_log_path("private-broker"),
+        };
+        broker.restart().await;
+        broker
+    }
+
+    /// `host:port`, for `POSTHORN_KAFKA_BROKERS`.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker (again) on the same port and storage, and waits until it accepts
+    /// connections.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let nisshi = std::env::var("POSTHORN_NISSHI").expect(
+            "POSTHORN_NISSHI names the broker binary: eval \"$(bash scripts/services.sh env)\"",
+        );
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("broker log");
+        let child = Command::new(&nisshi)
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", &self.storage])
+            .args(["--group-initial-rebalance-delay", "0s"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("broker log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting the broker {nisshi}: {e}"));
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        wait_until(
+            Duration::from_secs(30),
+            "the private broker accepts connections",
+            || std::future::ready(TcpStream::connect(addr).is_ok()),
+        )
+        .await;
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -575,88 +790,4 @@ pub async fn create_aggregates(pool: &PgPool, ids: &[String]) {
         .execute(pool)
         .await
         .expect("insert aggregates");
-}
-
-/// A broker of the test's own (nisshi, the binary in `POSTHORN_NISSHI`), on a free port, so a
-/// test can stop and start it without disturbing the others. Killed when dropped.
-pub struct PrivateBroker {
-    port: u16,
-    storage: String,
-    child: Option<Child>,
-}
-
-impl PrivateBroker {
-    /// `storage` is nisshi's `--storage-engine`: `memory://nisshi/`, or a `postgres://` URL of
-    /// an empty database so that records survive a restart.
-    pub async fn start(storage: &str) -> PrivateBroker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut broker = PrivateBroker {
-            port,
-            storage: storage.to_owned(),
-            child: None,
-        };
-        broker.restart().await;
-        broker
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the broker (again) on the same port and storage; returns once it accepts
-    /// connections.
-    pub async fn restart(&mut self) {
-        let nisshi = std::env::var("POSTHORN_NISSHI")
-            .expect("POSTHORN_NISSHI names the broker binary (scripts/services.sh env prints it)");
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(
-            std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("broker-{}.log", self.port)),
-        )
-        .expect("broker log");
-        let child = Command::new(nisshi)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args([
-                "--storage-engine",
-                &self.storage,
-                "--group-initial-rebalance-delay",
-                "0s",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting the private broker");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_until(
-            Duration::from_secs(30),
-            "the private broker listens",
-            || async { tokio::net::TcpStream::connect(&addr).await.is_ok() },
-        )
-        .await;
-    }
-
-    /// SIGKILL: the broker dies without a chance to flush or say goodbye.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }

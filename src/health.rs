@@ -1,0 +1,308 @@
+//! What `/healthz` and `/readyz` answer, kept current in the background so that a probe never
+//! waits for Postgres or Kafka.
+//!
+//! - Liveness ([`Heartbeat`]): the relay loop beats at every iteration and while it waits (for
+//!   rows, for acknowledgements during a broker outage, out a backoff). A loop stuck anywhere
+//!   else, e.g. in a query that never returns, stops beating, and `/healthz` fails once the last
+//!   beat is older than `POSTHORN_HEALTH_STALL_SECONDS`.
+//! - Readiness ([`Readiness`], [`probe_readiness`]): every few seconds a background task reads
+//!   zero rows of the outbox table (Postgres answers, the table and its columns exist) and asks
+//!   a broker for metadata (Kafka answers), each with a short timeout.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::events;
+use crate::outbox::Outbox;
+use crate::publisher::KafkaProbe;
+use crate::shutdown::Shutdown;
+
+/// How often a waiting relay loop beats.
+const BEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often readiness is checked.
+pub const READINESS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long one readiness check waits for each service.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
+/// A readiness result older than this is not trusted: the probe task itself is stuck.
+const READINESS_STALE: Duration = Duration::from_secs(30);
+
+/// The relay loop's sign of life. Clones share it.
+#[derive(Clone)]
+pub struct Heartbeat {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last beat.
+    last_beat_ms: Arc<AtomicU64>,
+}
+
+impl Heartbeat {
+    pub fn new() -> Heartbeat {
+        Heartbeat {
+            origin: Instant::now(),
+            last_beat_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The loop is alive and checking.
+    pub fn beat(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat.
+    pub fn since_last_beat(&self) -> Duration {
+        let last = Duration::from_millis(self.last_beat_ms.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
+
+    /// Runs `wait`, beating every second while it is pending. Only for waits that are
+    /// progress checks in themselves (an idle wait, a backoff, a batch waiting for a broker):
+    /// a query that never returns must not be wrapped, so that it shows as a stall. A blocked
+    /// thread stops the beats too, since they run in the same task.
+    pub async fn during<F: Future>(&self, wait: F) -> F::Output {
+        tokio::pin!(wait);
+        let mut beats = tokio::time::interval(BEAT_INTERVAL);
+        loop {
+            tokio::select! {
+                output = &mut wait => {
+                    self.beat();
+                    return output;
+                }
+                _ = beats.tick() => self.beat(),
+            }
+        }
+    }
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat::new()
+    }
+}
+
+/// `/healthz`'s answer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Liveness {
+    pub alive: bool,
+    pub last_progress_seconds_ago: f64,
+    pub stall_seconds: u64,
+}
+
+impl Liveness {
+    pub fn of(heartbeat: &Heartbeat, stall: Duration) -> Liveness {
+        let since = heartbeat.since_last_beat();
+        Liveness {
+            alive: since <= stall,
+            last_progress_seconds_ago: (since.as_secs_f64() * 10.0).round() / 10.0,
+            stall_seconds: stall.as_secs(),
+        }
+    }
+}
+
+/// The latest readiness check. Clones share it.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    /// A std mutex: held only to copy a few strings, never across an await.
+    latest: Arc<Mutex<Option<Checked>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Checks {
+    postgres: String,
+    kafka: String,
+    schema: String,
+}
+
+impl Checks {
+    fn ready(&self) -> bool {
+        [&self.postgres, &self.kafka, &self.schema]
+            .iter()
+            .all(|c| *c == OK)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Checked {
+    checks: Checks,
+    at: Instant,
+}
+
+const OK: &str = "ok";
+
+/// `/readyz`'s answer: `"ok"` or what is wrong, per dependency.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReadinessReport {
+    pub ready: bool,
+    pub postgres: String,
+    pub kafka: String,
+    pub schema: String,
+    /// Seconds since the check (absent before the first one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checked_seconds_ago: Option<f64>,
+}
+
+impl Readiness {
+    pub fn report(&self) -> ReadinessReport {
+        let latest = match self.latest.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let Some(Checked { checks, at }) = latest else {
+            let unknown = "unknown: not checked yet".to_owned();
+            return ReadinessReport {
+                ready: false,
+                postgres: unknown.clone(),
+                kafka: unknown.clone(),
+                schema: unknown,
+                checked_seconds_ago: None,
+            };
+        };
+        let age = at.elapsed();
+        let checked_seconds_ago = Some((age.as_secs_f64() * 10.0).round() / 10.0);
+        if age > READINESS_STALE {
+            let stale = format!("unknown: the last check is {}s old", age.as_secs());
+            return ReadinessReport {
+                ready: false,
+                postgres: stale.clone(),
+                kafka: stale.clone(),
+                schema: stale,
+                checked_seconds_ago,
+            };
+        }
+        ReadinessReport {
+            ready: checks.ready(),
+            postgres: checks.postgres,
+            kafka: checks.kafka,
+            schema: checks.schema,
+            checked_seconds_ago,
+        }
+    }
+
+    /// Stores a check; returns whether readiness (or a reason) changed.
+    fn store(&self, checks: Checks) -> bool {
+        let mut latest = match self.latest.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let changed = latest.as_ref().is_none_or(|l| l.checks != checks);
+        *latest = Some(Checked {
+            checks,
+            at: Instant::now(),
+        });
+        changed
+    }
+}
+
+/// Checks Postgres, the schema and Kafka every [`READINESS_INTERVAL`] until `shutdown`, storing
+/// the result in `readiness` and logging every change.
+pub async fn probe_readiness(
+    outbox: Outbox,
+    kafka: KafkaProbe,
+    readiness: Readiness,
+    mut shutdown: Shutdown,
+) {
+    let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => return,
+            _ = ticks.tick() => {}
+        }
+        let (database, broker) = tokio::join!(
+            tokio::time::timeout(READINESS_TIMEOUT, outbox.probe_schema()),
+            kafka.check(READINESS_TIMEOUT),
+        );
+        let (postgres, schema) = match database {
+            Ok(Ok(())) => (OK.to_owned(), OK.to_owned()),
+            Ok(Err(err)) if err.is_undefined_table() || err.is_undefined_column() => (
+                OK.to_owned(),
+                format!("missing: {err} (run `posthorn migrate`)"),
+            ),
+            Ok(Err(err)) if err.is_from_server() => (OK.to_owned(), format!("error: {err}")),
+            Ok(Err(err)) => (format!("unreachable: {err}"), "unknown".to_owned()),
+            Err(_) => (
+                format!(
+                    "unreachable: no answer within {}s",
+                    READINESS_TIMEOUT.as_secs()
+                ),
+                "unknown".to_owned(),
+            ),
+        };
+        let kafka_state = match broker {
+            Ok(_n_brokers) => OK.to_owned(),
+            Err(err) => format!("unreachable: {err}"),
+        };
+        let checks = Checks {
+            postgres,
+            kafka: kafka_state,
+            schema,
+        };
+        if readiness.store(checks.clone()) {
+            events::ReadinessChanged {
+                ready: checks.ready(),
+                postgres: &checks.postgres,
+                kafka: &checks.kafka,
+                schema: &checks.schema,
+            }
+            .emit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn liveness_fails_once_the_last_beat_is_older_than_the_stall_time() {
+        let heartbeat = Heartbeat::new();
+        heartbeat.beat();
+        let stall = Duration::from_secs(60);
+        assert!(Liveness::of(&heartbeat, stall).alive);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let liveness = Liveness::of(&heartbeat, stall);
+        assert!(!liveness.alive);
+        assert!(liveness.last_progress_seconds_ago >= 61.0);
+        heartbeat.beat();
+        assert!(Liveness::of(&heartbeat, stall).alive);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_legitimate_wait_keeps_beating() {
+        let heartbeat = Heartbeat::new();
+        let waited = heartbeat.during(tokio::time::sleep(Duration::from_secs(600)));
+        let probe = async {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            heartbeat.since_last_beat()
+        };
+        let ((), since) = tokio::join!(waited, probe);
+        assert!(since <= BEAT_INTERVAL, "{since:?}");
+    }
+
+    #[test]
+    fn readiness_is_unknown_before_the_first_check_and_says_what_failed() {
+        let readiness = Readiness::default();
+        let report = readiness.report();
+        assert!(!report.ready);
+        assert!(report.kafka.starts_with("unknown"));
+        let checks = Checks {
+            postgres: OK.into(),
+            kafka: "unreachable: timed out".into(),
+            schema: OK.into(),
+        };
+        assert!(readiness.store(checks.clone()));
+        assert!(!readiness.store(checks));
+        let report = readiness.report();
+        assert!(!report.ready);
+        assert_eq!(report.kafka, "unreachable: timed out");
+        assert!(readiness.store(Checks {
+            postgres: OK.into(),
+            kafka: OK.into(),
+            schema: OK.into(),
+        }));
+        assert!(readiness.report().ready);
+    }
+}
