@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, ConfigError, LogConfig, LogFormat};
 use crate::events;
+use crate::lease::Lease;
 use crate::migrate;
 use crate::outbox::{Outbox, Redelivery, Requeued, Status};
 use crate::publisher::{Publisher, PublisherError};
@@ -248,6 +249,17 @@ async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
         &config.instance_id,
     )?;
     let status = outbox.status(i64::from(args.top)).await;
+    // Who publishes: the lease's holder (none before any instance ran).
+    let holder = Lease::new(
+        outbox.pool().clone(),
+        &config.outbox,
+        &config.instance_id,
+        config.lease_ttl,
+    )
+    .holder()
+    .await
+    .ok()
+    .flatten();
     outbox.pool().close().await;
     let status = status.map_err(|err| {
         let hint = if err.is_undefined_table() || err.is_undefined_column() {
@@ -262,9 +274,27 @@ async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
         )
     })?;
     if args.json {
-        println!("{}", status_json(config, &status));
+        let mut json = status_json(config, &status);
+        json["leader"] = match &holder {
+            Some(h) => serde_json::json!({"owner": h.owner, "epoch": h.epoch, "live": h.live}),
+            None => serde_json::Value::Null,
+        };
+        println!("{json}");
     } else {
-        print!("{}", status_table(config, &status, args.top));
+        let table = status_table(config, &status, args.top);
+        let leader = match &holder {
+            Some(h) if h.live => format!("{} (epoch {})", h.owner, h.epoch),
+            Some(h) => format!(
+                "none: the lease of {} (epoch {}) has expired or was released",
+                h.owner, h.epoch
+            ),
+            None => "none yet (no instance has run)".to_owned(),
+        };
+        // The leader goes right under the heading line.
+        match table.split_once("\n\n") {
+            Some((heading, rest)) => print!("{heading}\n\n  leader           {leader}\n{rest}"),
+            None => print!("{table}  leader           {leader}\n"),
+        }
     }
     Ok(())
 }

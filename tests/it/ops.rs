@@ -297,6 +297,17 @@ async fn status_reports_the_backlog_and_redeliver_requeues_failed_and_delivered_
     assert_eq!(status["retrying"], 0, "{status}");
     assert_eq!(status["oldest_pending"]["id"], pending[0], "{status}");
     assert!(status["oldest_pending"]["age_seconds"].as_f64() >= Some(0.0));
+    // The relay that ran held the lease and released it on SIGTERM.
+    let instance = vars
+        .iter()
+        .find(|(k, _)| k == "POSTHORN_INSTANCE_ID")
+        .map(|(_, v)| v.clone())
+        .expect("instance id");
+    assert_eq!(status["leader"]["owner"], instance.as_str(), "{status}");
+    assert_eq!(
+        status["leader"]["live"], false,
+        "released on SIGTERM: {status}"
+    );
     let last = status["last_delivered"]["id"].as_i64().expect("an id");
     assert!(delivered.contains(&last), "{status}");
     let errors = status["failed_by_error"].as_array().expect("a list");
