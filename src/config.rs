@@ -60,6 +60,7 @@ struct RawEnv {
     dead_letter_topic: Option<String>,
     lease_ttl: Option<String>,
     instance_id: Option<String>,
+    ack_stall_ms: Option<String>,
     http_addr: Option<String>,
     health_stall_seconds: Option<String>,
     retention: Option<String>,
@@ -81,6 +82,7 @@ const KNOWN_VARS: &[&str] = &[
     "DEAD_LETTER_TOPIC",
     "LEASE_TTL",
     "INSTANCE_ID",
+    "ACK_STALL_MS",
     "HTTP_ADDR",
     "HEALTH_STALL_SECONDS",
     "RETENTION",
@@ -111,6 +113,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// This instance's name in the lease (default: host name, process id and a random suffix).
     pub instance_id: String,
+    /// How long a batch may go without any acknowledgement before the producer is replaced.
+    pub ack_stall: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub http_addr: SocketAddr,
     /// How long the relay loop may go without a progress check before `/healthz` fails.
@@ -211,6 +215,13 @@ impl Config {
                     )
                 })?,
         };
+        let ack_stall = Duration::from_millis(parse_number(
+            raw.ack_stall_ms.as_deref(),
+            "POSTHORN_ACK_STALL_MS",
+            60_000,
+            1_000..=3_600_000,
+            "60000",
+        )?);
         let instance_id = match raw.instance_id.as_deref().map(str::trim) {
             Some(id) if !id.is_empty() => id.to_owned(),
             _ => default_instance_id(),
@@ -246,6 +257,7 @@ impl Config {
             dead_letter_topic,
             lease_ttl,
             instance_id,
+            ack_stall,
             http_addr,
             health_stall,
             retention,

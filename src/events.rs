@@ -528,3 +528,17 @@ impl StandingBy<'_> {
         );
     }
 }
+
+pub struct AcksStalled {
+    pub n_records: usize,
+    pub waited: Duration,
+}
+impl AcksStalled {
+    pub fn emit(self) {
+        warn!(
+            n_records = self.n_records,
+            waited_ms = self.waited.as_millis() as u64,
+            "No acknowledgement from Kafka for a while; purging the producer to replace it."
+        );
+    }
+}

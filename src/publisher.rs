@@ -125,7 +125,9 @@ impl Publisher {
     /// Sends the rows allowed by `tracker` and records each one's outcome in it. Returns when
     /// every sent record has its delivery report, or `grace` after `shutdown` fired, or as soon
     /// as `still_leader` says this instance lost the lease (then what is still queued is purged:
-    /// a deposed leader must not write).
+    /// a deposed leader must not write). If no acknowledgement arrives for `ack_stall`, the
+    /// records are purged (they fail, and the relay replaces the producer): a producer whose
+    /// state the broker lost (a broker restarted empty) never recovers by itself.
     pub async fn publish(
         &self,
         rows: &[OutboxRow],
@@ -133,6 +135,7 @@ impl Publisher {
         shutdown: &mut Shutdown,
         grace: Duration,
         still_leader: &(dyn Fn() -> bool + Sync),
+        ack_stall: Duration,
     ) -> PublishReport {
         // A batch-level rejection names the row only when the row was sent alone.
         let alone = rows.len() == 1;
@@ -218,8 +221,22 @@ impl Publisher {
         if shutdown.is_triggered() {
             deadline = Some(Instant::now() + grace);
         }
+        let mut last_progress = Instant::now();
+        let mut n_pending = pending.len();
         while !pending.is_empty() {
             self.report_queue();
+            if pending.len() < n_pending {
+                n_pending = pending.len();
+                last_progress = Instant::now();
+            } else if !purged && last_progress.elapsed() >= ack_stall {
+                events::AcksStalled {
+                    n_records: pending.len(),
+                    waited: ack_stall,
+                }
+                .emit();
+                self.purge();
+                purged = true;
+            }
             let stop_at = deadline.unwrap_or_else(Instant::now);
             tokio::select! {
                 Some(sent) = pending.next() => report.add(settle(tracker, rows, sent, alone)),

@@ -296,6 +296,7 @@ impl Relay<'_> {
                 shutdown,
                 config.shutdown_timeout,
                 &still_leader,
+                config.ack_stall,
             )),
             async {
                 if read_ahead {

@@ -175,3 +175,64 @@ async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
     );
     println!("postgres stop -m immediate + start: 0 lost, order kept, {duplicates} duplicates");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_producer() {
+    let db = TestDb::create("broker_empty").await;
+    let mut broker = PrivateBroker::start().await;
+    let topic = unique("it-broker-empty");
+    create_topic_at(&broker.brokers(), &topic, 1).await;
+    let vars = env_vars(
+        &db.url,
+        &[
+            ("POSTHORN_KAFKA_BROKERS", &broker.brokers()),
+            ("POSTHORN_ACK_STALL_MS", "3000"),
+        ],
+    );
+    let log = log_path("broker-empty");
+    let mut relay = RelayProcess::spawn(&vars, &log);
+    let insert = |from: i32, to: i32| {
+        let (pool, topic) = (db.pool.clone(), topic.clone());
+        async move {
+            sqlx::query(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                 SELECT $1, 'k' || (g % 5), 'E', jsonb_build_object('n', g) FROM generate_series($2, $3) g",
+            )
+            .bind(&topic)
+            .bind(from)
+            .bind(to)
+            .execute(&pool)
+            .await
+            .expect("insert");
+        }
+    };
+    insert(1, 200).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the first rows are delivered",
+        || async { db.undelivered().await == 0 },
+    )
+    .await;
+    // The broker comes back with nothing: no topic, no record of the producer's id.
+    broker.restart().await;
+    create_topic_at(&broker.brokers(), &topic, 1).await;
+    insert(201, 400).await;
+    wait_until(
+        Duration::from_secs(60),
+        "rows written after the restart are delivered",
+        || async { db.undelivered().await == 0 },
+    )
+    .await;
+    relay.signal("TERM");
+    assert!(relay.wait(Duration::from_secs(30)).await.success());
+    let records = read_topic_at(&broker.brokers(), &topic, 200, Duration::from_secs(30)).await;
+    let ns: std::collections::BTreeSet<i64> = records
+        .iter()
+        .map(|r| r.value_json()["n"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(
+        ns,
+        (201..=400).collect(),
+        "the new broker has every row written after it came back"
+    );
+}
