@@ -293,7 +293,7 @@ async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
         // The leader goes right under the heading line.
         match table.split_once("\n\n") {
             Some((heading, rest)) => print!("{heading}\n\n  leader           {leader}\n{rest}"),
-            None => print!("{table}  leader           {leader}\n"),
+            None => println!("{table}  leader           {leader}"),
         }
     }
     Ok(())
