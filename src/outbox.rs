@@ -37,21 +37,24 @@ impl OutboxError {
         move |source| OutboxError::Query { what, source }
     }
 
-    /// Whether the outbox table (or its schema) is missing: the database is reachable but not
-    /// migrated.
+    /// Whether the outbox table (or its schema, or a column a later migration adds) is missing:
+    /// the database is reachable but not migrated.
     pub fn is_undefined_table(&self) -> bool {
         match self {
             OutboxError::Query {
                 source: sqlx::Error::Database(db),
                 ..
-            } => matches!(db.code().as_deref(), Some("42P01") | Some("3F000")),
+            } => matches!(
+                db.code().as_deref(),
+                Some("42P01") | Some("3F000") | Some("42703")
+            ),
             _ => false,
         }
     }
 }
 
-/// One outbox row as the relay reads it. JSON columns arrive as Postgres renders them, so the
-/// payload is never parsed or re-serialized on the way to Kafka.
+/// One outbox row as the relay reads it. JSON columns arrive as Postgres renders them and bytes
+/// as stored, so the payload is never parsed or re-encoded on the way to Kafka.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
@@ -59,9 +62,58 @@ pub struct OutboxRow {
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub event_type: String,
-    pub payload: Option<String>,
+    /// `None`: a tombstone (both payload columns NULL).
+    pub payload: Option<Payload>,
     pub topic: Option<String>,
     pub headers: Option<String>,
+}
+
+/// A row's Kafka value: from the `payload` (jsonb) column or the `payload_bytes` (bytea) column;
+/// the table's CHECK allows at most one of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// `payload` as JSON text.
+    Json(String),
+    /// `payload_bytes`, with the row's `content_type`.
+    Bytes {
+        bytes: Vec<u8>,
+        content_type: String,
+    },
+}
+
+impl Payload {
+    /// The record's value.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Payload::Json(json) => json.as_bytes(),
+            Payload::Bytes { bytes, .. } => bytes,
+        }
+    }
+
+    /// The record's `content-type` header.
+    pub fn content_type(&self) -> &str {
+        match self {
+            Payload::Json(_) => "application/json",
+            Payload::Bytes { content_type, .. } => content_type,
+        }
+    }
+
+    fn from_columns(
+        json: Option<String>,
+        bytes: Option<Vec<u8>>,
+        content_type: Option<String>,
+    ) -> Option<Payload> {
+        match (json, bytes) {
+            (Some(json), _) => Some(Payload::Json(json)),
+            (None, Some(bytes)) => Some(Payload::Bytes {
+                bytes,
+                // The table's CHECK requires content_type on bytes rows. Were one missing, the
+                // row is still published: failing the read would stall the whole relay.
+                content_type: content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
+            }),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Handle on one outbox table.
@@ -114,7 +166,8 @@ impl Outbox {
             table: table.clone(),
             fetch_sql: format!(
                 "SELECT id, event_id, aggregate_type, aggregate_id, event_type, \
-                        payload::text AS payload, topic, headers::text AS headers \
+                        payload::text AS payload, payload_bytes, content_type, topic, \
+                        headers::text AS headers \
                  FROM {t} AS o \
                  WHERE delivered_at IS NULL AND failed_at IS NULL{halted} \
                  ORDER BY id LIMIT $1"
@@ -168,7 +221,11 @@ impl Outbox {
                     aggregate_type: r.try_get("aggregate_type")?,
                     aggregate_id: r.try_get("aggregate_id")?,
                     event_type: r.try_get("event_type")?,
-                    payload: r.try_get("payload")?,
+                    payload: Payload::from_columns(
+                        r.try_get("payload")?,
+                        r.try_get("payload_bytes")?,
+                        r.try_get("content_type")?,
+                    ),
                     topic: r.try_get("topic")?,
                     headers: r.try_get("headers")?,
                 })
