@@ -20,11 +20,13 @@
 -- functions' names included: for POSTHORN_TABLE=order_events they are order_events_enqueue,
 -- order_events_enqueue_bytes and order_events_enqueue_tombstone.
 --
--- Every constraint here is added NOT VALID: Postgres then checks every row written from now on
--- but does not scan the existing ones while holding the table's lock (the new columns are NULL in
--- them, so the payload checks hold anyway). An old pending row with a content-type header is
--- failed as poison by the relay, which checks the reserved names itself. An operator may run
--- ALTER TABLE ... VALIDATE CONSTRAINT later; it does not block writers.
+-- Every constraint here is added NOT VALID: Postgres then checks every row version written from
+-- now on (inserts and updates) but does not scan the existing rows while holding the table's lock.
+-- The new columns are NULL in them, so the payload checks hold anyway; delivered rows may keep a
+-- content-type header of their own, as they were allowed to. A pending row with one could never
+-- be marked (its update would break the new headers check), so this migration marks it failed,
+-- saying why. An operator may run ALTER TABLE ... VALIDATE CONSTRAINT later; it does not block
+-- writers.
 
 ALTER TABLE outbox
     ADD COLUMN payload_bytes bytea NULL,          -- the Kafka record value, as stored
@@ -45,6 +47,11 @@ ALTER TABLE outbox ADD CONSTRAINT outbox_content_type_check CHECK (
 -- two parts so that the table-name substitution leaves it alone (version 1 spelled it whole, so on
 -- a renamed table it reserved '<table>-id' instead).
 ALTER TABLE outbox DROP CONSTRAINT outbox_headers_check;
+UPDATE outbox
+SET failed_at = now(),
+    last_error = 'headers use the reserved name ''content-type'', which posthorn sets itself since '
+                 'migration 4: remove it from headers and set failed_at to NULL to publish the row'
+WHERE delivered_at IS NULL AND failed_at IS NULL AND headers ? 'content-type';
 ALTER TABLE outbox ADD CONSTRAINT outbox_headers_check CHECK (
     headers IS NULL OR (
         jsonb_typeof(headers) = 'object'
