@@ -8,3 +8,4 @@ mod poison;
 mod process;
 mod restarts;
 mod support;
+mod writer;
