@@ -801,7 +801,7 @@ async fn bad_input_to_the_library_is_refused_before_anything_reaches_the_transac
     assert!(
         message.starts_with("writing events to public.not_migrated: ")
             && message.ends_with(
-                "(is the table migrated by posthorn 4 or later? run `posthorn migrate`)"
+                "(the table needs posthorn's migration 4 or later: run `posthorn migrate`)"
             ),
         "{message}"
     );
