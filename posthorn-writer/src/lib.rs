@@ -14,7 +14,7 @@
 //! - [`Outbox`] names another table than `public.outbox` (the relay's `POSTHORN_SCHEMA` and
 //!   `POSTHORN_TABLE`).
 //!
-//! The table needs posthorn's migration 4 (`migrations/0004_writer.sql`, applied by
+//! The table needs posthorn's migration 5 (`migrations/0005_writer.sql`, applied by
 //! `posthorn migrate`): events use its `payload_bytes` and `content_type` columns.
 //!
 //! With the `opentelemetry` feature, [`EventBuilder::build`] copies the W3C `traceparent` and
@@ -76,7 +76,7 @@ pub enum WriteError {
 fn not_migrated_hint(err: &sqlx::Error) -> &'static str {
     match err {
         sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01" | "42703")) => {
-            " (the table needs posthorn's migration 4 or later: run `posthorn migrate`)"
+            " (the table needs posthorn's migration 5 or later: run `posthorn migrate`)"
         }
         _ => "",
     }

@@ -1,4 +1,4 @@
-//! The writer side: migration 4's SQL functions and the posthorn-writer library, on real Postgres
+//! The writer side: migration 5's SQL functions and the posthorn-writer library, on real Postgres
 //! with the relay publishing to the real broker. Also runs the documented examples
 //! (`examples/writer/*`, `posthorn-writer/examples/*`) and checks `docs/writing-events.md` quotes
 //! them verbatim.
@@ -801,7 +801,7 @@ async fn bad_input_to_the_library_is_refused_before_anything_reaches_the_transac
     assert!(
         message.starts_with("writing events to public.not_migrated: ")
             && message.ends_with(
-                "(the table needs posthorn's migration 4 or later: run `posthorn migrate`)"
+                "(the table needs posthorn's migration 5 or later: run `posthorn migrate`)"
             ),
         "{message}"
     );
@@ -937,15 +937,15 @@ async fn a_table_from_migration_3_upgrades_and_its_pending_rows_still_publish() 
     create_topic(&topic, 1).await;
     let cfg = config(&db.url, &[]);
 
-    // The table as posthorn 3 left it, recorded where `posthorn migrate` looks.
+    // The table as migrations 1 to 4 left it, recorded where `posthorn migrate` looks.
     let earlier: Vec<_> = posthorn::migrate::migrator_for(&cfg.outbox)
         .iter()
-        .filter(|m| m.version <= 3)
+        .filter(|m| m.version <= 4)
         .cloned()
         .collect();
     let mut migrator = Migrator::with_migrations(earlier);
     migrator.dangerous_set_table_name("\"public\".\"posthorn_outbox_migrations\"");
-    migrator.run(&db.pool).await.expect("migrations 1 to 3");
+    migrator.run(&db.pool).await.expect("migrations 1 to 4");
     sqlx::query(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) VALUES \
          ('order', 'o-json', 'OrderShipped', '{\"n\": 1}', NULL), \

@@ -1,4 +1,4 @@
--- posthorn outbox table, version 4: the writer side.
+-- posthorn outbox table, version 5: the writer side.
 --
 -- Binary payloads. payload_bytes (bytea) sits beside payload (jsonb); at most one of them is set,
 -- and both NULL is a tombstone (a record with no value), as before. A bytes row must name its
@@ -50,7 +50,7 @@ ALTER TABLE outbox DROP CONSTRAINT outbox_headers_check;
 UPDATE outbox
 SET failed_at = now(),
     last_error = 'headers use the reserved name ''content-type'', which posthorn sets itself since '
-                 'migration 4: remove it from headers and set failed_at to NULL to publish the row'
+                 'migration 5: remove it from headers and set failed_at to NULL to publish the row'
 WHERE delivered_at IS NULL AND failed_at IS NULL AND headers ? 'content-type';
 ALTER TABLE outbox ADD CONSTRAINT outbox_headers_check CHECK (
     headers IS NULL OR (
