@@ -8,6 +8,9 @@ cargo fmt --check
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
+# posthorn-writer's opentelemetry feature (off by default), followed to a Kafka header.
+cargo test --locked -p posthorn-writer --features opentelemetry --test opentelemetry 2>&1 |
+  tee -a "$log"
 # A small soak with the test build: the relay SIGKILLed and restarted under writers (the full
 # one, 1,000,000 rows and 50 kills, is scripts/soak.sh).
 target/debug/examples/soak --posthorn target/debug/posthorn --rows 20000 --keys 100 --kills 5 \

@@ -37,8 +37,8 @@ impl OutboxError {
         move |source| OutboxError::Query { what, source }
     }
 
-    /// Whether the outbox table (or its schema) is missing: the database is reachable but not
-    /// migrated.
+    /// Whether the outbox table (or its schema, or a column a later migration adds) is missing:
+    /// the database is reachable but not migrated.
     pub fn is_undefined_table(&self) -> bool {
         matches!(self.sqlstate().as_deref(), Some("42P01") | Some("3F000"))
     }
@@ -64,8 +64,8 @@ impl OutboxError {
     }
 }
 
-/// One outbox row as the relay reads it. JSON columns arrive as Postgres renders them, so the
-/// payload is never parsed or re-serialized on the way to Kafka.
+/// One outbox row as the relay reads it. JSON columns arrive as Postgres renders them and bytes
+/// as stored, so the payload is never parsed or re-encoded on the way to Kafka.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
@@ -73,12 +73,61 @@ pub struct OutboxRow {
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub event_type: String,
-    pub payload: Option<String>,
+    /// `None`: a tombstone (both payload columns NULL).
+    pub payload: Option<Payload>,
     pub topic: Option<String>,
     pub headers: Option<String>,
     /// `created_at` in microseconds since the Unix epoch, by Postgres' clock: where the
     /// commit-to-ack latency starts.
     pub created_at_us: i64,
+}
+
+/// A row's Kafka value: from the `payload` (jsonb) column or the `payload_bytes` (bytea) column;
+/// the table's CHECK allows at most one of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// `payload` as JSON text.
+    Json(String),
+    /// `payload_bytes`, with the row's `content_type`.
+    Bytes {
+        bytes: Vec<u8>,
+        content_type: String,
+    },
+}
+
+impl Payload {
+    /// The record's value.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Payload::Json(json) => json.as_bytes(),
+            Payload::Bytes { bytes, .. } => bytes,
+        }
+    }
+
+    /// The record's `content-type` header.
+    pub fn content_type(&self) -> &str {
+        match self {
+            Payload::Json(_) => "application/json",
+            Payload::Bytes { content_type, .. } => content_type,
+        }
+    }
+
+    fn from_columns(
+        json: Option<String>,
+        bytes: Option<Vec<u8>>,
+        content_type: Option<String>,
+    ) -> Option<Payload> {
+        match (json, bytes) {
+            (Some(json), _) => Some(Payload::Json(json)),
+            (None, Some(bytes)) => Some(Payload::Bytes {
+                bytes,
+                // The table's CHECK requires content_type on bytes rows. Were one missing, the
+                // row is still published: failing the read would stall the whole relay.
+                content_type: content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
+            }),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Handle on one outbox table.
@@ -147,7 +196,8 @@ impl Outbox {
         .replace("{t}", &t);
         let select = format!(
             "SELECT id, event_id, aggregate_type, aggregate_id, event_type, \
-                    payload::text AS payload, topic, headers::text AS headers, \
+                    payload::text AS payload, payload_bytes, content_type, topic, \
+                    headers::text AS headers, \
                     (extract(epoch FROM created_at) * 1000000)::bigint AS created_at_us \
              FROM {t} AS o \
              WHERE delivered_at IS NULL AND failed_at IS NULL{halted}"
@@ -541,7 +591,11 @@ fn decode_rows(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<OutboxRow>, OutboxE
                 aggregate_type: r.try_get("aggregate_type")?,
                 aggregate_id: r.try_get("aggregate_id")?,
                 event_type: r.try_get("event_type")?,
-                payload: r.try_get("payload")?,
+                payload: Payload::from_columns(
+                    r.try_get("payload")?,
+                    r.try_get("payload_bytes")?,
+                    r.try_get("content_type")?,
+                ),
                 topic: r.try_get("topic")?,
                 headers: r.try_get("headers")?,
                 created_at_us: r.try_get("created_at_us")?,

@@ -27,7 +27,14 @@ use crate::outbox::OutboxRow;
 use crate::shutdown::Shutdown;
 
 /// Header names posthorn sets on every record; a row's own `headers` may not use them.
-pub const RESERVED_HEADERS: [&str; 4] = ["event-id", "event-type", "aggregate-type", "outbox-id"];
+/// (`content-type` is set on records with a value: tombstones have none.)
+pub const RESERVED_HEADERS: [&str; 5] = [
+    "event-id",
+    "event-type",
+    "aggregate-type",
+    "outbox-id",
+    "content-type",
+];
 
 /// How often a waiting batch checks whether the producer died of a fatal error.
 const FATAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
@@ -305,6 +312,9 @@ impl Publisher {
             .insert(header("event-type", &row.event_type))
             .insert(header("aggregate-type", &row.aggregate_type))
             .insert(header("outbox-id", &outbox_id));
+        if let Some(payload) = &row.payload {
+            headers = headers.insert(header("content-type", payload.content_type()));
+        }
         for (name, value) in &own {
             headers = headers.insert(header(name, value));
         }
@@ -368,9 +378,12 @@ impl Publisher {
                 headers = headers.insert(header(name, value));
             }
         }
-        let payload = row.payload.as_deref().filter(|_| with_payload);
+        let payload = row.payload.as_ref().filter(|_| with_payload);
         if row.payload.is_some() && payload.is_none() {
             headers = headers.insert(header("posthorn-payload-omitted", "true"));
+        }
+        if let Some(payload) = payload {
+            headers = headers.insert(header("content-type", payload.content_type()));
         }
         let mut record = FutureRecord::<[u8], [u8]>::to(topic)
             .key(row.aggregate_id.as_bytes())

@@ -157,7 +157,7 @@ pub async fn run_with_heartbeat(
                     events::DatabaseFailed {
                         error: &err,
                         retry_in,
-                        missing_table: err.is_undefined_table(),
+                        missing_table: err.is_undefined_table() || err.is_undefined_column(),
                     }
                     .emit();
                     sleep_unless_stopped(retry_in, &mut shutdown, heartbeat).await;

@@ -39,7 +39,7 @@ from kafka.partitioner.default import murmur2
 
 EVENT_TYPE = "Bumped"
 ROLLBACK_ONE_IN = 8
-EXPECTED_HEADERS = {"event-id", "event-type", "aggregate-type", "outbox-id", "lang"}
+EXPECTED_HEADERS = {"event-id", "event-type", "aggregate-type", "outbox-id", "content-type", "lang"}
 EXAMPLES = 5  # failures listed per check
 
 
@@ -327,6 +327,7 @@ def run_checks(cfg, checks, written, rows, records, partitions, notes):
             "event-type": EVENT_TYPE,
             "aggregate-type": cfg.topic,
             "outbox-id": str(row["id"]),
+            "content-type": "application/json",
             "lang": "python",
         }
         for name, value in want.items():
@@ -344,7 +345,8 @@ def run_checks(cfg, checks, written, rows, records, partitions, notes):
         "value parses as the JSON written (and is Postgres's jsonb text)", value_problems, "every record"
     )
     checks.check(
-        "headers: event-id (= row's event_id), event-type, aggregate-type, outbox-id (= row's id), lang=python",
+        "headers: event-id (= row's event_id), event-type, aggregate-type, outbox-id (= row's id), "
+        "content-type=application/json, lang=python",
         header_problems,
         "every record",
     )

@@ -149,16 +149,21 @@ async fn records_follow_the_contract_for_key_value_headers_and_topic() {
     assert_eq!(first.header("aggregate-type"), "order");
     assert_eq!(first.header("event-type"), "OrderShipped");
     Uuid::parse_str(first.header("event-id")).expect("event-id is a UUID");
+    assert_eq!(first.header("content-type"), "application/json");
     assert_eq!(
         first.headers.len(),
-        5,
-        "four posthorn headers and one of the row's"
+        6,
+        "five posthorn headers and one of the row's"
     );
     let tombstone = &templated[1];
     assert_eq!(tombstone.key.as_deref(), Some("o-2"));
     assert_eq!(
         tombstone.value, None,
         "a NULL payload is a null value (tombstone)"
+    );
+    assert!(
+        !tombstone.headers.contains_key("content-type"),
+        "a tombstone has no content"
     );
 
     let routed_records = read_topic(&routed, 1, Duration::from_secs(30)).await;

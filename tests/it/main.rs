@@ -9,3 +9,4 @@ mod poison;
 mod process;
 mod restarts;
 mod support;
+mod writer;

@@ -130,6 +130,29 @@ impl TestDb {
         TestDb { url, pool }
     }
 
+    /// A database of the test's own with no migration applied (for upgrade tests).
+    pub async fn create_empty(test: &str) -> TestDb {
+        let admin_url = &services().admin_url;
+        let name = unique(&format!("posthorn_t_{test}"));
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(admin_url)
+            .await
+            .expect("connecting to the admin database");
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
+        admin.close().await;
+        let url = with_database(admin_url, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect(&url)
+            .await
+            .expect("connecting to the test database");
+        TestDb { url, pool }
+    }
+
     /// Rows not yet delivered.
     pub async fn undelivered(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
