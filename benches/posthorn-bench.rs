@@ -93,9 +93,11 @@ async fn main() -> anyhow::Result<()> {
         let (mut cpu_per_100k, mut rss) = (Vec::new(), Vec::new());
         for run in 1..=args.runs {
             let r = drain(&args).await?;
+            let wall = args.rows as f64 / r.rows_per_sec;
             println!(
-                "  drain run {run}: {:.0} rows/s, {:.2} CPU s per 100k rows, peak RSS {:.1} MiB",
-                r.rows_per_sec, r.cpu_secs_per_100k, r.peak_rss_mib
+                "  drain run {run}: {:.0} rows/s, {:.2} CPU s per 100k rows, peak RSS {:.1} MiB; \
+                 over {wall:.1} s wall on {cores} cores the CPU went to relay {:.1} s, postgres {:.1} s, broker {:.1} s",
+                r.rows_per_sec, r.cpu_secs_per_100k, r.peak_rss_mib, r.cpu_split.0, r.cpu_split.1, r.cpu_split.2
             );
             drain_rates.push(r.rows_per_sec);
             cpu_per_100k.push(r.cpu_secs_per_100k);
@@ -364,7 +366,26 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+/// CPU seconds used so far by every process whose command name is `name`.
+fn cpu_of_processes(name: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim() == name)
+                .unwrap_or(false)
+        })
+        .map(|pid| cpu_and_rss(pid).0)
+        .filter(|c| c.is_finite())
+        .sum()
+}
+
 struct Drain {
+    /// CPU seconds of (relay, postgres, broker) during the drain: where the machine's time went.
+    cpu_split: (f64, f64, f64),
     rows_per_sec: f64,
     cpu_secs_per_100k: f64,
     peak_rss_mib: f64,
@@ -373,6 +394,7 @@ struct Drain {
 async fn drain(args: &Args) -> anyhow::Result<Drain> {
     let setup = Setup::new(args, "drain").await?;
     setup.load(args.rows, args.keys).await?;
+    let (pg_before, broker_before) = (cpu_of_processes("postgres"), cpu_of_processes("nisshi"));
     let started = Instant::now();
     let child = posthorn_cmd(&setup.url, args, &setup.topic)
         .arg("run")
@@ -384,6 +406,7 @@ async fn drain(args: &Args) -> anyhow::Result<Drain> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let (pg_after, broker_after) = (cpu_of_processes("postgres"), cpu_of_processes("nisshi"));
     let (cpu, rss) = cpu_and_rss(pid);
     let (cpu, rss) = (
         if cpu.is_nan() { last.0 } else { cpu },
@@ -392,6 +415,7 @@ async fn drain(args: &Args) -> anyhow::Result<Drain> {
     stop(child);
     setup.drop().await?;
     Ok(Drain {
+        cpu_split: (cpu, pg_after - pg_before, broker_after - broker_before),
         rows_per_sec: args.rows as f64 / elapsed,
         cpu_secs_per_100k: cpu / (args.rows as f64 / 100_000.0),
         peak_rss_mib: rss,
