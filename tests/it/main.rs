@@ -6,4 +6,5 @@ mod faults;
 mod poison;
 mod process;
 mod restarts;
+mod role;
 mod support;
