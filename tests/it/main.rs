@@ -3,6 +3,7 @@
 mod cross_client;
 mod delivery;
 mod faults;
+mod manifests;
 mod poison;
 mod process;
 mod restarts;
