@@ -28,7 +28,7 @@ RUN set -eux; \
 WORKDIR /src
 COPY . .
 # --locked: the dependencies are exactly Cargo.lock's. The release profile keeps line tables
-# for backtraces; the image gets the binary without debug sections (66 MB -> 12 MB), its
+# for backtraces; the image gets the binary without debug sections (66 MB -> 11 MB), its
 # symbols kept so that a backtrace still names functions.
 RUN cargo build --release --locked --bin posthorn \
     && strip --strip-debug -o /usr/local/bin/posthorn target/release/posthorn

@@ -23,6 +23,9 @@
 #                         build stage (default /var/cache/posthorn-image; delete it for a
 #                         build from nothing)
 #   SMOKE_ROWS            rows the smoke test's writer commits (default 200)
+#
+# Layers are cached (--layers) and vfs stores each one whole: reclaim the space of superseded
+# builds with `buildah --storage-driver vfs rmi --prune`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
