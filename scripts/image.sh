@@ -57,7 +57,7 @@ image_exists() { bh inspect --type image "$1" >/dev/null 2>&1; }
 
 # Slims a debootstrapped root like Docker's debian:*-slim images (debuerreotype): no manuals,
 # documentation or translations, now or in packages installed later; apt keeps no .debs, no
-# binary caches and no translated indexes.
+# binary caches and no translated indexes. Also applies the suite's updates.
 slim_rootfs() { # dir
   local root=${1:?}
   mkdir -p "$root/etc/dpkg/dpkg.cfg.d" "$root/etc/apt/apt.conf.d"
@@ -95,6 +95,12 @@ Suites: $SUITE-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
+  # debootstrap installs the release as first published: bring it up to date with its
+  # updates and security suites, as the official image is.
+  # (Without /dev/pts in the chroot apt says it "Can not write log": harmless.)
+  { chroot "$root" apt-get update -qq \
+      && chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq; } \
+    >>"$root.log" 2>&1 || { tail -n 20 "$root.log" >&2; die "apt-get upgrade in $root failed"; }
   find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete 2>/dev/null || true
   find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete 2>/dev/null || true
   rm -rf "$root"/usr/share/{man,groff,info,lintian,linda,locale}/*

@@ -137,6 +137,31 @@ async fn insert_rows(db: &PgPool, aggregate_type: &str, n_rows: i32) {
     .expect("inserting outbox rows");
 }
 
+/// `posthorn run` connected as `relay_url` delivers rows the service (here the admin) commits:
+/// marked in Postgres, consumed from Kafka; SIGTERM stops it with status 0.
+async fn relay_delivers_rows(admin_db: &PgPool, relay_url: &str) {
+    let topic = unique("it-role");
+    create_topic(&topic, 1).await;
+    insert_rows(admin_db, &topic, 5).await;
+    let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.log"));
+    let mut relay = RelayProcess::spawn(&env_vars(relay_url, &[]), &log);
+    wait_until(Duration::from_secs(30), "5 rows are delivered", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(delivered_at) FROM outbox")
+            .fetch_one(admin_db)
+            .await
+            .expect("counting delivered rows")
+            == 5
+    })
+    .await;
+    relay.signal("TERM");
+    let status = relay.wait(Duration::from_secs(30)).await;
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "SIGTERM exits 0, got {status}:\n{log}");
+    assert!(!log.contains("permission denied"), "{log}");
+    let records = read_topic(&topic, 5, Duration::from_secs(30)).await;
+    assert_eq!(records.len(), 5, "{records:?}");
+}
+
 /// The documented order on a new database: the role file, `posthorn migrate` as the migrator,
 /// the role file again; then `check` and `run` as the relay role deliver rows, and the relay
 /// role can change nothing else.
@@ -155,26 +180,7 @@ async fn the_relay_role_relays_rows_but_cannot_change_the_schema() {
     assert!(ok, "posthorn check as posthorn_relay:\n{out}");
     assert!(out.contains("outbox    ok:"), "{out}");
 
-    let topic = unique("it-role");
-    create_topic(&topic, 1).await;
-    insert_rows(&admin_db, &topic, 5).await;
-    let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.log"));
-    let mut relay = RelayProcess::spawn(&env_vars(&relay_url, &[]), &log);
-    wait_until(Duration::from_secs(30), "5 rows are delivered", || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(delivered_at) FROM outbox")
-            .fetch_one(&admin_db)
-            .await
-            .expect("counting delivered rows")
-            == 5
-    })
-    .await;
-    relay.signal("TERM");
-    let status = relay.wait(Duration::from_secs(30)).await;
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(status.success(), "SIGTERM exits 0, got {status}:\n{log}");
-    assert!(!log.contains("permission denied"), "{log}");
-    let records = read_topic(&topic, 5, Duration::from_secs(30)).await;
-    assert_eq!(records.len(), 5, "{records:?}");
+    relay_delivers_rows(&admin_db, &relay_url).await;
 
     let relay_db = connect(&relay_url).await;
     // Retention may delete delivered rows.
@@ -201,8 +207,9 @@ async fn the_relay_role_relays_rows_but_cannot_change_the_schema() {
     assert!(ok && out.contains("is up to date"), "migrate again:\n{out}");
 }
 
-/// An outbox migrated by a superuser (as `TestDb` does) is handed to the migrator, and the relay
-/// role gets exactly SELECT, UPDATE and DELETE on it.
+/// An outbox migrated by a superuser (as `TestDb` does), then the role file: the outbox is
+/// handed to the migrator, the relay role gets exactly SELECT, UPDATE and DELETE on it, and
+/// `check` and `run` work as the relay role.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_migrated_by_another_role_is_handed_to_the_migrator() {
     let db = TestDb::create("role_adopt").await;
@@ -229,8 +236,14 @@ async fn an_outbox_migrated_by_another_role_is_handed_to_the_migrator() {
             "{privilege} on outbox"
         );
     }
-    let (ok, out) = posthorn("check", &url_as(&db.url, RELAY));
+    let relay_url = url_as(&db.url, RELAY);
+    let (ok, out) = posthorn("check", &relay_url);
     assert!(ok, "posthorn check as posthorn_relay:\n{out}");
+    relay_delivers_rows(&db.pool, &relay_url).await;
+    let relay_db = connect(&relay_url).await;
+    assert_refused(&relay_db, "CREATE TABLE relay_scratch (id int)").await;
+    assert_refused(&relay_db, "DROP TABLE outbox").await;
+    relay_db.close().await;
     let (ok, out) = posthorn("migrate", &url_as(&db.url, MIGRATOR));
     assert!(ok && out.contains("is up to date"), "{out}");
 }
