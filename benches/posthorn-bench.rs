@@ -59,6 +59,10 @@ struct Args {
     scenarios: Vec<String>,
     #[arg(long, default_value = "1000")]
     batch_size: String,
+    /// Extra environment for the relay, e.g. `--relay-env POSTHORN_KAFKA_LINGER_MS=10`
+    /// (repeatable).
+    #[arg(long = "relay-env")]
+    relay_env: Vec<String>,
     /// The relay binary to measure (default: the one this build made), e.g. an older build for a
     /// before/after comparison.
     #[arg(long)]
@@ -329,6 +333,11 @@ fn posthorn_cmd(url: &str, args: &Args, topic: &str) -> Command {
         .env("POSTHORN_BATCH_SIZE", &args.batch_size)
         .env("POSTHORN_LOG", "warn")
         .stdin(Stdio::null());
+    for pair in &args.relay_env {
+        if let Some((k, v)) = pair.split_once('=') {
+            cmd.env(k, v);
+        }
+    }
     cmd
 }
 

@@ -136,7 +136,6 @@ pub struct Outbox {
     pool: PgPool,
     table: OutboxTable,
     fetch_sql: Arc<str>,
-    prefetch_sql: Arc<str>,
     mark_sql: Arc<str>,
     fail_sql: Arc<str>,
     poison_sql: Arc<str>,
@@ -206,9 +205,6 @@ impl Outbox {
             pool,
             table: table.clone(),
             fetch_sql: format!("{select} ORDER BY id LIMIT $1").into(),
-            // The same read, minus rows that are in flight or being marked: exclusion by id,
-            // not a cursor, so a row committed late with a smaller id is still found.
-            prefetch_sql: format!("{select} AND NOT (id = ANY($2)) ORDER BY id LIMIT $1").into(),
             // Fenced by the epoch: a leader that lost the lease marks nothing.
             mark_sql: format!(
                 "UPDATE {t} SET delivered_at = now(), delivered_epoch = $2 \
@@ -246,22 +242,6 @@ impl Outbox {
     pub async fn fetch_batch(&self, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
         let rows = sqlx::query(AssertSqlSafe(self.fetch_sql.clone()))
             .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(OutboxError::query("reading undelivered outbox rows"))?;
-        decode_rows(&rows)
-    }
-
-    /// The oldest `limit` undelivered rows except `excluded` (rows in flight or being marked),
-    /// in id order: the batch after those, read while they are still unmarked.
-    pub async fn prefetch_batch(
-        &self,
-        limit: usize,
-        excluded: &[i64],
-    ) -> Result<Vec<OutboxRow>, OutboxError> {
-        let rows = sqlx::query(AssertSqlSafe(self.prefetch_sql.clone()))
-            .bind(limit as i64)
-            .bind(excluded)
             .fetch_all(&self.pool)
             .await
             .map_err(OutboxError::query("reading undelivered outbox rows"))?;

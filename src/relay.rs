@@ -17,7 +17,7 @@ use crate::events;
 use crate::health::Heartbeat;
 use crate::lease::{Keeper, Lease};
 use crate::outbox::{Outbox, OutboxError, OutboxRow};
-use crate::publisher::{DeadLetterPayload, PublishReport, Publisher, PublisherError};
+use crate::publisher::{DeadLetterPayload, Publisher, PublisherError};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
 
@@ -97,21 +97,24 @@ pub async fn run_with_heartbeat(
         db_backoff: Backoff::new(),
         kafka_backoff: Backoff::new(),
         n_isolated: 0,
-        prefetched: None,
-        pending_mark: None,
     };
 
     let mut last_epoch = None;
     'standby: while !shutdown.is_triggered() {
-        if keeper.current().is_none() {
-            events::StandingBy {
-                owner: lease.owner(),
-            }
-            .emit();
-        }
         // A standby waits for the lease as long as another instance holds it: a legitimate wait.
+        // It says so only once the keeper has tried: on a fresh start the lease is usually free.
+        let first_try = lease.timing().standby_poll * 2;
         let leadership = heartbeat
             .during(async {
+                tokio::select! {
+                    _ = shutdown.triggered() => return None,
+                    leadership = keeper.leadership() => return Some(leadership),
+                    _ = tokio::time::sleep(first_try) => {}
+                }
+                events::StandingBy {
+                    owner: lease.owner(),
+                }
+                .emit();
                 tokio::select! {
                     _ = shutdown.triggered() => None,
                     leadership = keeper.leadership() => Some(leadership),
@@ -131,8 +134,6 @@ pub async fn run_with_heartbeat(
                 if let Some(producer) = relay.publisher.take() {
                     producer.close().await;
                 }
-                relay.prefetched = None;
-                relay.pending_mark = None;
                 continue 'standby;
             }
             let limit = if relay.n_isolated > 0 {
@@ -140,12 +141,9 @@ pub async fn run_with_heartbeat(
             } else {
                 config.batch_size
             };
-            let fetched = match relay.prefetched.take() {
-                Some(rows) => Ok(rows),
-                None => tokio::select! {
-                    _ = shutdown.triggered() => break 'standby,
-                    fetched = relay.outbox.fetch_batch(limit) => fetched,
-                },
+            let fetched = tokio::select! {
+                _ = shutdown.triggered() => break 'standby,
+                fetched = relay.outbox.fetch_batch(limit) => fetched,
             };
             let rows = match fetched {
                 Ok(rows) => {
@@ -166,7 +164,6 @@ pub async fn run_with_heartbeat(
             };
             if rows.is_empty() {
                 relay.n_isolated = 0;
-                relay.flush_mark(epoch, &shutdown, heartbeat).await;
                 // LISTEN was set up before this read, so a commit after it has already stored a
                 // wake-up permit: no notification can fall between the read and the wait. An
                 // idle leader publishes nothing; the lease is checked again after the wake.
@@ -189,10 +186,6 @@ pub async fn run_with_heartbeat(
                 .await;
         }
     }
-    if let Some(epoch) = last_epoch {
-        relay.flush_mark(epoch, &shutdown, heartbeat).await;
-    }
-
     keeper.stop().await;
     if let Some(epoch) = last_epoch {
         // Drained: hand over at once rather than make a standby wait for the expiry.
@@ -225,28 +218,10 @@ struct Relay<'a> {
     kafka_backoff: Backoff,
     /// Rows still to be sent one at a time, after a record batch was rejected as a whole.
     n_isolated: usize,
-    /// The next batch, read while the previous one waited for its acknowledgements.
-    prefetched: Option<Vec<OutboxRow>>,
-    /// A fully acknowledged batch whose mark runs alongside the next batch.
-    pending_mark: Option<Deliverable>,
 }
 
 impl Relay<'_> {
-    /// Marks the batch whose mark was deferred, if any.
-    async fn flush_mark(&mut self, epoch: i64, shutdown: &Shutdown, heartbeat: &Heartbeat) {
-        if let Some(deliverable) = self.pending_mark.take() {
-            self.stats.n_published +=
-                mark(&self.outbox, &deliverable, epoch, shutdown, heartbeat).await;
-        }
-    }
-
     /// Publishes one batch as leader with `epoch`, settles it and marks it.
-    ///
-    /// In a backlog the stages overlap: while the batch waits for Kafka's acknowledgements the
-    /// next batch is read (excluding, by id, every row in flight or still being marked), and
-    /// the previous batch's mark runs alongside. The read-ahead is used only when this batch
-    /// settled cleanly (every row acknowledged), so the next batch starts, as always, from the
-    /// oldest undelivered rows.
     async fn publish_batch(
         &mut self,
         rows: Vec<OutboxRow>,
@@ -276,70 +251,18 @@ impl Relay<'_> {
         let started = Instant::now();
         let mut tracker = Tracker::new(&rows, config.on_poison);
         let still_leader = || keeper.leads_with(epoch);
-        let read_ahead = rows.len() == config.batch_size && self.n_isolated == 0;
-        let previous = self.pending_mark.take();
-        let excluded: Vec<i64> = if read_ahead {
-            rows.iter()
-                .map(|r| r.id)
-                .chain(previous.iter().flat_map(|d| d.ids().iter().copied()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let mark_shutdown = shutdown.clone();
-        let outbox = &self.outbox;
         // A batch waits as long as the broker is away: that is a legitimate wait.
-        let (report, next, n_marked_previous) = tokio::join!(
-            heartbeat.during(producer.publish(
+        let report = heartbeat
+            .during(producer.publish(
                 &rows,
                 &mut tracker,
                 shutdown,
                 config.shutdown_timeout,
                 &still_leader,
                 config.ack_stall,
-            )),
-            async {
-                if read_ahead {
-                    outbox
-                        .prefetch_batch(config.batch_size, &excluded)
-                        .await
-                        .ok()
-                } else {
-                    None
-                }
-            },
-            async {
-                match &previous {
-                    Some(d) => mark(outbox, d, epoch, &mark_shutdown, heartbeat).await,
-                    None => 0,
-                }
-            },
-        );
-        self.stats.n_published += n_marked_previous;
+            ))
+            .await;
         let settled = tracker.finish();
-        let clean = settled.failed.is_empty()
-            && settled.poisoned.is_empty()
-            && settled.n_held == 0
-            && report == PublishReport::default();
-        if clean && next.is_some() && !shutdown.is_triggered() && still_leader() {
-            events::BatchPublished {
-                n_rows: rows.len(),
-                n_marked: n_marked_previous,
-                n_failed: 0,
-                n_held: 0,
-                n_transient: 0,
-                n_suspect: 0,
-                n_poisoned: 0,
-                elapsed: started.elapsed(),
-            }
-            .emit();
-            self.prefetched = next;
-            self.pending_mark = Some(settled.deliverable);
-            self.publisher = Some(producer);
-            self.kafka_backoff.reset();
-            return;
-        }
-
         let n_marked = mark(
             &self.outbox,
             &settled.deliverable,
