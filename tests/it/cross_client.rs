@@ -27,24 +27,8 @@ fn read(path: &Path) -> String {
         .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
 }
 
-/// Installs the pinned Python clients; about a second when they are already there (pip then
-/// does not go to the index).
 fn install_python_deps() {
-    let out = Command::new("python3")
-        .args(["-m", "pip", "install", "-q", "-r"])
-        .arg(cross_client_dir().join("requirements.txt"))
-        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-        .env("PIP_ROOT_USER_ACTION", "ignore")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running python3 -m pip (is Python 3 with pip installed?)");
-    assert!(
-        out.status.success(),
-        "pip install -r tests/cross_client/requirements.txt failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::pip_install("tests/cross_client/requirements.txt");
 }
 
 /// Runs check.py with `vars`; returns its status, stdout and stderr. Killed after `timeout`.

@@ -2,16 +2,14 @@
 //! rolled-back rows never do; commit order different from id order loses nothing.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Row;
 use uuid::Uuid;
 
 use crate::support::{
-    check_key_order, config, create_aggregates, create_topic, read_topic, unique, wait_until,
-    write_versioned_event, RunningRelay, TestDb,
+    check_key_order, config, create_aggregates, create_topic, read_topic, spawn_writers, unique,
+    wait_until, RunningRelay, TestDb,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -28,25 +26,9 @@ async fn concurrent_writers_rows_all_arrive_once_in_per_key_commit_order() {
     let relay = RunningRelay::start(config(&db.url, &[("POSTHORN_BATCH_SIZE", "500")]));
     // Writers take events from a shared counter, so every aggregate is written by several
     // writers at once and its row lock decides the order.
-    let next = Arc::new(AtomicUsize::new(0));
-    let writers: Vec<_> = (0..N_WRITERS)
-        .map(|w| {
-            let (pool, next, keys, topic) =
-                (db.pool.clone(), next.clone(), keys.clone(), topic.clone());
-            tokio::spawn(async move {
-                loop {
-                    let j = next.fetch_add(1, Ordering::Relaxed);
-                    if j >= N_EVENTS {
-                        break;
-                    }
-                    write_versioned_event(&pool, &topic, &keys[j % N_KEYS], w).await;
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.await.expect("writer");
-    }
+    spawn_writers(&db.pool, &topic, &keys, N_EVENTS, N_WRITERS)
+        .await
+        .expect("writers");
     wait_until(
         Duration::from_secs(120),
         "every row is marked delivered",

@@ -193,23 +193,7 @@ fn assert_locked_down(what: &str, container: &Value) {
 /// Installs the pinned validators once per test process; about a second when they are there.
 fn install_validators() {
     static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        let out = Command::new("python3")
-            .args(["-m", "pip", "install", "-q", "-r"])
-            .arg(repo().join("tests/deploy/requirements.txt"))
-            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-            .env("PIP_ROOT_USER_ACTION", "ignore")
-            .stdin(Stdio::null())
-            .output()
-            .expect("running python3 -m pip (is Python 3 with pip installed?)");
-        assert!(
-            out.status.success(),
-            "pip install -r tests/deploy/requirements.txt failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    INSTALL.call_once(|| crate::support::pip_install("tests/deploy/requirements.txt"));
 }
 
 fn kubernetes_validate(files: &[PathBuf]) -> Output {

@@ -2,27 +2,12 @@
 //! configuration, and its `migrate` and `check` commands.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{
-    check_key_order, create_aggregates, create_topic, env_vars, posthorn_command, read_topic,
-    unique, wait_until, write_versioned_event, RelayProcess, TestDb,
+    check_key_order, create_aggregates, create_topic, delivered, env_vars, posthorn_command,
+    read_topic, relay_log_path, spawn_writers, unique, wait_until, RelayProcess, TestDb,
 };
-
-async fn delivered(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
-        .fetch_one(&db.pool)
-        .await
-        .expect("count delivered")
-}
-
-fn log_path(name: &str) -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay-logs");
-    std::fs::create_dir_all(&dir).expect("log dir");
-    dir.join(format!("{}.log", unique(name)))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_order() {
@@ -36,24 +21,9 @@ async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_orde
     create_aggregates(&db.pool, &keys).await;
     let vars = env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "300")]);
 
-    let next = Arc::new(AtomicUsize::new(0));
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (pool, next, keys, topic) =
-                (db.pool.clone(), next.clone(), keys.clone(), topic.clone());
-            tokio::spawn(async move {
-                loop {
-                    let j = next.fetch_add(1, Ordering::Relaxed);
-                    if j >= N_EVENTS {
-                        break;
-                    }
-                    write_versioned_event(&pool, &topic, &keys[j % N_KEYS], w).await;
-                }
-            })
-        })
-        .collect();
+    let writers = spawn_writers(&db.pool, &topic, &keys, N_EVENTS, 4);
 
-    let mut relay = RelayProcess::spawn(&vars, &log_path("sigkill"));
+    let mut relay = RelayProcess::spawn(&vars, &relay_log_path("sigkill"));
     for kill in 0..N_KILLS {
         let before = delivered(&db).await;
         let step = (N_EVENTS / (N_KILLS + 2)) as i64;
@@ -66,11 +36,9 @@ async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_orde
         relay.signal("KILL");
         let status = relay.wait(Duration::from_secs(10)).await;
         assert!(!status.success(), "kill {kill}: SIGKILL ends the process");
-        relay = RelayProcess::spawn(&vars, &log_path("sigkill"));
+        relay = RelayProcess::spawn(&vars, &relay_log_path("sigkill"));
     }
-    for w in writers {
-        w.await.expect("writer");
-    }
+    writers.await.expect("writers");
     wait_until(
         Duration::from_secs(120),
         "every row is delivered",
@@ -122,7 +90,7 @@ async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka(
     .execute(&db.pool)
     .await
     .expect("bulk insert");
-    let log = log_path("sigterm");
+    let log = relay_log_path("sigterm");
     let mut relay =
         RelayProcess::spawn(&env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "100")]), &log);
     wait_until(
@@ -271,7 +239,7 @@ async fn migrate_creates_a_custom_schema_and_table_once_and_the_relay_publishes_
     .execute(&db.pool)
     .await
     .expect("insert into the custom table");
-    let mut relay = RelayProcess::spawn(&vs, &log_path("custom"));
+    let mut relay = RelayProcess::spawn(&vs, &relay_log_path("custom"));
     let records = read_topic(&topic, 1, Duration::from_secs(30)).await;
     assert_eq!(records[0].key.as_deref(), Some("o-1"));
     relay.signal("TERM");
@@ -335,7 +303,7 @@ async fn logs_are_json_lines_when_asked_and_never_contain_a_secret() {
             ("POSTHORN_KAFKA_SASL_USERNAME", "someone"),
         ],
     );
-    let log = log_path("json");
+    let log = relay_log_path("json");
     let mut relay = RelayProcess::spawn(&vars, &log);
     wait_until(Duration::from_secs(30), "the row is delivered", || async {
         db.undelivered().await == 0

@@ -5,22 +5,10 @@
 use std::time::Duration;
 
 use crate::support::{
-    assert_complete_and_ordered, create_aggregates, create_topic_at, env_vars, read_topic_at,
-    services, spawn_writers, unique, wait_until, PrivateBroker, RelayProcess, TestDb,
+    assert_complete_and_ordered, create_aggregates, create_topic_at, delivered, env_vars,
+    read_topic_at, relay_log_path, services, spawn_writers, unique, wait_until, PrivateBroker,
+    RelayProcess, TestDb,
 };
-
-async fn delivered(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap_or(-1)
-}
-
-fn log_path(name: &str) -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay-logs");
-    std::fs::create_dir_all(&dir).expect("log dir");
-    dir.join(format!("{}.log", unique(name)))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_order() {
@@ -47,7 +35,7 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
             ("POSTHORN_BATCH_SIZE", "100"),
         ],
     );
-    let log = log_path("broker-restart");
+    let log = relay_log_path("broker-restart");
     let mut relay = RelayProcess::spawn(&vars, &log);
     let writers = spawn_writers(&db.pool, &topic, &keys, N_KEYS * N_PER_KEY, 4);
     wait_until(
@@ -115,7 +103,7 @@ async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
             ("POSTHORN_POLL_INTERVAL_MS", "600000"),
         ],
     );
-    let log = log_path("pg-restart");
+    let log = relay_log_path("pg-restart");
     let mut relay = RelayProcess::spawn(&vars, &log);
     wait_until(
         Duration::from_secs(60),
@@ -189,7 +177,7 @@ async fn a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_produce
             ("POSTHORN_ACK_STALL_MS", "3000"),
         ],
     );
-    let log = log_path("broker-empty");
+    let log = relay_log_path("broker-empty");
     let mut relay = RelayProcess::spawn(&vars, &log);
     let insert = |from: i32, to: i32| {
         let (pool, topic) = (db.pool.clone(), topic.clone());

@@ -320,6 +320,34 @@ pub fn relay_log_path(name: &str) -> PathBuf {
     dir.join(format!("{}.log", unique(name)))
 }
 
+/// Installs the Python packages pinned in `requirements` (a path relative to the repository):
+/// about a second when they are already there (pip then does not go to the index).
+pub fn pip_install(requirements: &str) {
+    let out = Command::new("python3")
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(requirements))
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running python3 -m pip (is Python 3 with pip installed?)");
+    assert!(
+        out.status.success(),
+        "pip install -r {requirements} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Rows marked delivered.
+pub async fn delivered(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(-1)
+}
+
 /// Runs the `posthorn` binary to completion: (exit status, stdout, stderr).
 pub fn run_posthorn(args: &[&str], vars: &[(String, String)]) -> (i32, String, String) {
     let out = posthorn_command(vars)

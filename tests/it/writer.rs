@@ -1174,19 +1174,7 @@ async fn the_python_example_runs_and_its_event_reaches_kafka() {
     let topic = format!("{base}.order");
     create_topic(&topic, 1).await;
     create_orders(&db.pool, &["order-py"]).await;
-    let pip = Command::new("python3")
-        .args(["-m", "pip", "install", "-q", "-r"])
-        .arg(repo_file("examples/writer/requirements.txt"))
-        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-        .env("PIP_ROOT_USER_ACTION", "ignore")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running python3 -m pip (is Python 3 with pip installed?)");
-    assert!(
-        pip.status.success(),
-        "pip install failed:\n{}",
-        String::from_utf8_lossy(&pip.stderr)
-    );
+    crate::support::pip_install("examples/writer/requirements.txt");
     let relay = start_relay(&db, &base, &[]);
 
     let run = |order_id: &str| {
