@@ -334,7 +334,9 @@ fn the_sidecar_is_locked_down_probed_scraped_and_configured_from_secrets() {
     assert_eq!(posthorn["args"], serde_json::json!(["run"]));
     assert_eq!(posthorn["ports"][0]["containerPort"], HTTP_PORT);
     let port_name = str_at(posthorn, "/ports/0/name");
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+    // Readiness is /healthz in a sidecar: /readyz would take the service out of traffic
+    // whenever Kafka is down.
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/healthz")] {
         let get = at(posthorn, &format!("/{probe}/httpGet"));
         assert_eq!(get["path"], path, "{probe}");
         assert!(
