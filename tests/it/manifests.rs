@@ -336,7 +336,10 @@ fn the_sidecar_is_locked_down_probed_scraped_and_configured_from_secrets() {
     let port_name = str_at(posthorn, "/ports/0/name");
     // Readiness is /healthz in a sidecar: /readyz would take the service out of traffic
     // whenever Kafka is down.
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/healthz")] {
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/healthz"),
+    ] {
         let get = at(posthorn, &format!("/{probe}/httpGet"));
         assert_eq!(get["path"], path, "{probe}");
         assert!(
