@@ -173,12 +173,7 @@ async fn run_check(config: &Config) -> anyhow::Result<()> {
         config.poll_interval.as_millis()
     );
 
-    let outbox = Outbox::connect_lazy(
-        &config.database,
-        &config.outbox,
-        config.on_poison,
-        &config.instance_id,
-    )?;
+    let outbox = Outbox::connect_lazy(config)?;
     match tokio::time::timeout(TIMEOUT, outbox.server_version()).await {
         Ok(Ok(version)) => {
             println!(
@@ -242,12 +237,7 @@ async fn run_check(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
-    let outbox = Outbox::connect_lazy(
-        &config.database,
-        &config.outbox,
-        config.on_poison,
-        &config.instance_id,
-    )?;
+    let outbox = Outbox::connect_lazy(config)?;
     let status = outbox.status(i64::from(args.top)).await;
     // Who publishes: the lease's holder (none before any instance ran).
     let holder = Lease::new(
@@ -390,12 +380,7 @@ fn status_table(config: &Config, status: &Status, top: u16) -> String {
 
 async fn run_redeliver(config: &Config, args: &RedeliverArgs) -> anyhow::Result<()> {
     let which = args.redelivery()?;
-    let outbox = Outbox::connect_lazy(
-        &config.database,
-        &config.outbox,
-        config.on_poison,
-        &config.instance_id,
-    )?;
+    let outbox = Outbox::connect_lazy(config)?;
     let result = if args.dry_run {
         outbox.count_redeliverable(&which).await
     } else {

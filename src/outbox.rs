@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::acks::Deliverable;
-use crate::config::{DatabaseConfig, OutboxTable, PoisonPolicy};
+use crate::config::{Config, DatabaseConfig, OutboxTable, PoisonPolicy};
 use crate::events;
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
@@ -143,12 +143,8 @@ pub struct Outbox {
 
 impl Outbox {
     /// A lazily connecting pool: creating it never fails because Postgres is down.
-    pub fn connect_lazy(
-        database: &DatabaseConfig,
-        table: &OutboxTable,
-        policy: PoisonPolicy,
-        instance_id: &str,
-    ) -> Result<Outbox, OutboxError> {
+    pub fn connect_lazy(config: &Config) -> Result<Outbox, OutboxError> {
+        let (database, table, policy) = (&config.database, &config.outbox, config.on_poison);
         let options: PgConnectOptions = database.url().parse().map_err(OutboxError::Settings)?;
         let pool = PgPoolOptions::new()
             // The relay reads and marks one batch at a time; the others serve the lease keeper
@@ -156,7 +152,7 @@ impl Outbox {
             .max_connections(3)
             .acquire_timeout(Duration::from_secs(5))
             // Names this instance's sessions in pg_stat_activity (63 bytes at most).
-            .connect_lazy_with(options.application_name(&application_name(instance_id)));
+            .connect_lazy_with(options.application_name(&application_name(&config.instance_id)));
         Ok(Outbox::with_pool(pool, table, policy))
     }
 

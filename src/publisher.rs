@@ -233,8 +233,14 @@ impl Publisher {
         }
         let mut last_progress = Instant::now();
         let mut n_pending = pending.len();
+        // The queue gauge is sampled at most every FATAL_CHECK_INTERVAL, not per report: it is
+        // a call into librdkafka that takes its lock.
+        let mut last_sample: Option<Instant> = None;
         while !pending.is_empty() {
-            self.report_queue();
+            if last_sample.is_none_or(|t| t.elapsed() >= FATAL_CHECK_INTERVAL) {
+                self.report_queue();
+                last_sample = Some(Instant::now());
+            }
             if pending.len() < n_pending {
                 n_pending = pending.len();
                 last_progress = Instant::now();

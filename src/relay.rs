@@ -65,12 +65,7 @@ pub async fn run_with_heartbeat(
     mut shutdown: Shutdown,
     heartbeat: &Heartbeat,
 ) -> Result<RelayStats, RelayError> {
-    let outbox = Outbox::connect_lazy(
-        &config.database,
-        &config.outbox,
-        config.on_poison,
-        &config.instance_id,
-    )?;
+    let outbox = Outbox::connect_lazy(config)?;
     // Created up front so that an invalid Kafka property is a start-up error, not a retry loop.
     let publisher = Publisher::idempotent(&config.kafka, &config.topic_template)?;
     events::RelayStarted {

@@ -10,8 +10,8 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::support::{
-    assert_complete_and_ordered, config, create_aggregates, read_topic_at, spawn_writers, unique,
-    wait_until, RunningRelay, TestDb,
+    assert_complete_and_ordered, config, create_aggregates, delivered, read_topic_at,
+    spawn_writers, unique, wait_until, RunningRelay, TestDb,
 };
 
 const N_KEYS: usize = 20;
@@ -37,13 +37,6 @@ async fn fixture(name: &str) -> Fixture {
         topic,
         keys,
     }
-}
-
-async fn delivered(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
-        .fetch_one(&db.pool)
-        .await
-        .expect("count")
 }
 
 fn relay_for(f: &Fixture) -> RunningRelay {

@@ -106,45 +106,21 @@ impl TestDb {
 
     /// A database on another server, given by its admin URL.
     pub async fn create_on(admin_url: &str, test: &str, vars: &[(&str, &str)]) -> TestDb {
-        let name = unique(&format!("posthorn_t_{test}"));
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(admin_url)
-            .await
-            .expect("connecting to the admin database");
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&admin)
-            .await
-            .expect("creating the test database");
-        admin.close().await;
-        let url = with_database(admin_url, &name);
+        let url = create_database(admin_url, test).await;
         let config = config(&url, vars);
         posthorn::migrate::run(&config.database, &config.outbox)
             .await
             .expect("migrating the test database");
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .connect(&url)
-            .await
-            .expect("connecting to the test database");
-        TestDb { url, pool }
+        TestDb::connect(url).await
     }
 
     /// A database of the test's own with no migration applied (for upgrade tests).
     pub async fn create_empty(test: &str) -> TestDb {
-        let admin_url = &services().admin_url;
-        let name = unique(&format!("posthorn_t_{test}"));
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(admin_url)
-            .await
-            .expect("connecting to the admin database");
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&admin)
-            .await
-            .expect("creating the test database");
-        admin.close().await;
-        let url = with_database(admin_url, &name);
+        let url = create_database(&services().admin_url, test).await;
+        TestDb::connect(url).await
+    }
+
+    async fn connect(url: String) -> TestDb {
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .connect(&url)
@@ -160,6 +136,22 @@ impl TestDb {
             .await
             .expect("counting undelivered rows")
     }
+}
+
+/// Creates `posthorn_t_<test>_<random>` on the server of `admin_url`; returns its URL.
+async fn create_database(admin_url: &str, test: &str) -> String {
+    let name = unique(&format!("posthorn_t_{test}"));
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin_url)
+        .await
+        .expect("connecting to the admin database");
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&admin)
+        .await
+        .expect("creating the test database");
+    admin.close().await;
+    with_database(admin_url, &name)
 }
 
 fn with_database(admin_url: &str, database: &str) -> String {
