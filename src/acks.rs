@@ -1,11 +1,13 @@
 //! Per-key in-order acknowledgement: which rows of a batch may be marked delivered.
 //!
 //! A row may be marked only once Kafka acknowledged it AND every earlier undelivered row of the
-//! same aggregate was acknowledged. A batch is the oldest undelivered rows in id order, so every
-//! earlier undelivered row of an aggregate that is visible is in the batch, before it. (A row that
-//! is not yet visible belongs to a transaction that commits later, which comes later in commit
-//! order too.) So the rule is decided within the batch: walk it in id order and, per aggregate,
-//! stop at the first row that is not acknowledged.
+//! same aggregate was acknowledged. A batch is the oldest undelivered rows in id order, apart from
+//! the previous batch's when it was read past them (the relay does that only once every row of
+//! the previous batch is acknowledged), so every earlier undelivered row of an aggregate that is
+//! visible is in the batch, before it, or already acknowledged. (A row that is not yet visible
+//! belongs to a transaction that commits later, which comes later in commit order too.) So the
+//! rule is decided within the batch: walk it in id order and, per aggregate, stop at the first
+//! row that is not acknowledged.
 
 use std::collections::HashSet;
 

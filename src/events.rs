@@ -53,6 +53,14 @@ pub struct BatchPublished {
     pub n_suspect: usize,
     /// Rows Kafka will never accept.
     pub n_poisoned: usize,
+    /// Reading the batch from Postgres.
+    pub read: Duration,
+    /// Sending it and waiting for every acknowledgement.
+    pub publish: Duration,
+    /// Marking the acknowledged rows delivered.
+    pub mark: Duration,
+    /// From sending the first record to marking the rows (a batch acknowledged in full is
+    /// marked while the next one is published).
     pub elapsed: Duration,
 }
 impl BatchPublished {
@@ -62,6 +70,9 @@ impl BatchPublished {
             n_marked = self.n_marked,
             n_failed = self.n_failed,
             n_held = self.n_held,
+            read_us = self.read.as_micros() as u64,
+            publish_us = self.publish.as_micros() as u64,
+            mark_us = self.mark.as_micros() as u64,
             elapsed_ms = self.elapsed.as_millis() as u64,
             "Batch published."
         );
@@ -140,6 +151,21 @@ pub struct ProbeClientError<'a> {
 impl ProbeClientError<'_> {
     pub fn emit(self) {
         debug!(error = %self.error, reason = self.reason, "The readiness probe's Kafka client reported an error.");
+    }
+}
+
+/// A read past the rows already sent found an undelivered row below them: it committed after
+/// they were read (ids are assigned at INSERT, visible at COMMIT) or an operator re-queued it.
+pub struct ReadRestarted {
+    pub outbox_id: i64,
+}
+impl ReadRestarted {
+    pub fn emit(self) {
+        debug!(
+            outbox_id = self.outbox_id,
+            "A row below the rows already sent became pending; reading again from the oldest."
+        );
+        METRICS.read_restarts.inc();
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Metrics {
     /// Rows set aside as failed (and copied to the dead-letter topic when one is set).
     pub rows_dead_lettered: IntCounter,
     pub batch_rows: Histogram,
+    /// Reads that found a row committed (or re-queued) below the rows already sent.
+    pub read_restarts: IntCounter,
     pub batch_duration: Histogram,
     /// From a row's `created_at` to Kafka's acknowledgement of its record.
     pub commit_to_ack: Histogram,
@@ -97,6 +99,11 @@ impl Metrics {
             batch_rows: Histogram::with_opts(
                 HistogramOpts::new("posthorn_batch_rows", "Rows read per batch.")
                     .buckets(BATCH_ROWS_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            read_restarts: IntCounter::new(
+                "posthorn_read_restarts_total",
+                "Reads past the rows already sent that found a pending row below them (committed late, or re-queued) and read again from the oldest.",
             )
             .expect("valid metric"),
             batch_duration: Histogram::with_opts(
@@ -168,12 +175,13 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(m.rows_published.clone()),
             Box::new(m.rows_delivered.clone()),
             Box::new(m.publish_failures.clone()),
             Box::new(m.rows_dead_lettered.clone()),
             Box::new(m.batch_rows.clone()),
+            Box::new(m.read_restarts.clone()),
             Box::new(m.batch_duration.clone()),
             Box::new(m.commit_to_ack.clone()),
             Box::new(m.backlog_rows.clone()),
@@ -204,6 +212,11 @@ pub fn rows_delivered_total() -> u64 {
     METRICS.rows_delivered.get()
 }
 
+/// Reads that found a row below the rows already sent, since the process started.
+pub fn read_restarts_total() -> u64 {
+    METRICS.read_restarts.get()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +227,7 @@ mod tests {
         let text = encode().expect("encodes");
         for name in [
             "posthorn_rows_delivered_total",
+            "posthorn_read_restarts_total 0",
             "posthorn_publish_failures_total{kind=\"poison\"} 0",
             "posthorn_reconnects_total{service=\"kafka\"} 0",
             "posthorn_backlog_rows 3",

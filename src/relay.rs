@@ -1,9 +1,13 @@
 //! The relay loop: wait → read a batch → publish it pipelined → settle acks → mark delivered.
 //!
-//! One batch at a time: a batch is settled and marked before the next read, so every read sees
-//! the oldest undelivered rows (including any a failed batch left behind) and nothing needs a
-//! cursor. Transient failures (Postgres or Kafka down, a failed record) never end the loop: it
-//! logs, backs off and resumes from the oldest undelivered row. Only a stop signal ends it.
+//! A batch is settled before the next one is sent, and every read takes the oldest undelivered
+//! rows (including any a failed batch left behind), so nothing needs a cursor. Postgres work
+//! overlaps Kafka work only on the clean path: while a full batch waits for its acks, the
+//! previous batch (acknowledged in full) is marked and the next one is read, leaving out the rows
+//! in flight. A batch that did not settle cleanly discards that read-ahead, is marked at once,
+//! and the next read starts again from the oldest undelivered row. Transient failures (Postgres
+//! or Kafka down, a failed record) never end the loop: it logs, backs off and resumes from the
+//! oldest undelivered row. Only a stop signal ends it.
 
 use std::time::Duration;
 
@@ -16,7 +20,7 @@ use crate::config::{Config, ConfigError, PoisonPolicy};
 use crate::events;
 use crate::health::Heartbeat;
 use crate::lease::{Keeper, Lease};
-use crate::outbox::{Outbox, OutboxError, OutboxRow};
+use crate::outbox::{Outbox, OutboxError, OutboxRow, ReadPast};
 use crate::publisher::{DeadLetterPayload, Publisher, PublisherError};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
@@ -92,6 +96,8 @@ pub async fn run_with_heartbeat(
         db_backoff: Backoff::new(),
         kafka_backoff: Backoff::new(),
         n_isolated: 0,
+        acked: None,
+        read_ahead: None,
     };
 
     let mut last_epoch = None;
@@ -125,7 +131,17 @@ pub async fn run_with_heartbeat(
             heartbeat.beat();
             if !keeper.leads_with(epoch) {
                 // Lost the lease: drop the producer (purging whatever it still holds) and
-                // stand by. Marks of this epoch would be refused anyway.
+                // stand by. Marks of this epoch are refused: the next leader publishes those
+                // rows again.
+                relay.read_ahead = None;
+                mark_acked(
+                    &relay.outbox,
+                    &mut relay.acked,
+                    &mut relay.stats,
+                    &shutdown,
+                    heartbeat,
+                )
+                .await;
                 if let Some(producer) = relay.publisher.take() {
                     producer.close().await;
                 }
@@ -136,9 +152,38 @@ pub async fn run_with_heartbeat(
             } else {
                 config.batch_size
             };
-            let fetched = tokio::select! {
-                _ = shutdown.triggered() => break 'standby,
-                fetched = relay.outbox.fetch_batch(limit) => fetched,
+            let (fetched, read) = match relay.read_ahead.take() {
+                Some(ReadAhead { rows, read }) => (Ok(rows), read),
+                None => {
+                    // The acknowledged batch is marked while this read runs past it.
+                    let read_started = Instant::now();
+                    let sent = relay.acked.as_ref().map(Acked::ids).unwrap_or_default();
+                    let (outbox, acked, stats) =
+                        (&relay.outbox, &mut relay.acked, &mut relay.stats);
+                    let mark_shutdown = shutdown.clone();
+                    let fetched = tokio::select! {
+                        _ = shutdown.triggered() => break 'standby,
+                        (fetched, ()) = async {
+                            tokio::join!(
+                                outbox.fetch_after(limit, &sent),
+                                mark_acked(outbox, acked, stats, &mark_shutdown, heartbeat),
+                            )
+                        } => fetched,
+                    };
+                    let fetched = match fetched {
+                        Ok(ReadPast::Rows(rows)) => Ok(rows),
+                        Ok(ReadPast::RowBelow(outbox_id)) => {
+                            // Read from the oldest: the acknowledged batch is marked by now.
+                            events::ReadRestarted { outbox_id }.emit();
+                            tokio::select! {
+                                _ = shutdown.triggered() => break 'standby,
+                                fetched = relay.outbox.fetch_batch(limit) => fetched,
+                            }
+                        }
+                        Err(err) => Err(err),
+                    };
+                    (fetched, read_started.elapsed())
+                }
             };
             let rows = match fetched {
                 Ok(rows) => {
@@ -177,10 +222,19 @@ pub async fn run_with_heartbeat(
                 continue;
             }
             relay
-                .publish_batch(rows, epoch, &keeper, &mut shutdown, heartbeat)
+                .publish_batch(rows, read, epoch, &keeper, &mut shutdown, heartbeat)
                 .await;
         }
     }
+    // Marked before the lease is released: the mark is fenced by it.
+    mark_acked(
+        &relay.outbox,
+        &mut relay.acked,
+        &mut relay.stats,
+        &shutdown,
+        heartbeat,
+    )
+    .await;
     keeper.stop().await;
     if let Some(epoch) = last_epoch {
         // Drained: hand over at once rather than make a standby wait for the expiry.
@@ -213,6 +267,35 @@ struct Relay<'a> {
     kafka_backoff: Backoff,
     /// Rows still to be sent one at a time, after a record batch was rejected as a whole.
     n_isolated: usize,
+    /// The last batch, acknowledged in full and not yet marked: it is marked while the next
+    /// batch is read or published.
+    acked: Option<Acked>,
+    /// The next batch, read while the last one was published.
+    read_ahead: Option<ReadAhead>,
+}
+
+/// A batch Kafka acknowledged in full, waiting to be marked delivered.
+struct Acked {
+    deliverable: Deliverable,
+    epoch: i64,
+    n_rows: usize,
+    read: Duration,
+    publish: Duration,
+    /// When its first record was sent.
+    started: Instant,
+}
+
+impl Acked {
+    fn ids(&self) -> Vec<i64> {
+        self.deliverable.ids().to_vec()
+    }
+}
+
+/// Rows read while the previous batch was being published: the oldest undelivered rows then,
+/// apart from that batch's.
+struct ReadAhead {
+    rows: Vec<OutboxRow>,
+    read: Duration,
 }
 
 impl Relay<'_> {
@@ -220,6 +303,7 @@ impl Relay<'_> {
     async fn publish_batch(
         &mut self,
         rows: Vec<OutboxRow>,
+        read: Duration,
         epoch: i64,
         keeper: &Keeper,
         shutdown: &mut Shutdown,
@@ -246,18 +330,82 @@ impl Relay<'_> {
         let started = Instant::now();
         let mut tracker = Tracker::new(&rows, config.on_poison);
         let still_leader = || keeper.leads_with(epoch);
-        // A batch waits as long as the broker is away: that is a legitimate wait.
-        let report = heartbeat
-            .during(producer.publish(
+        // A full batch means a backlog: read the next batch while this one waits for its acks.
+        let read_ahead = self.n_isolated == 0 && rows.len() >= config.batch_size;
+        let in_flight: Vec<i64> = if read_ahead {
+            rows.iter().map(|r| r.id).collect()
+        } else {
+            Vec::new()
+        };
+        let pg_shutdown = shutdown.clone();
+        let (outbox, acked, stats) = (&self.outbox, &mut self.acked, &mut self.stats);
+        let (report, next) = tokio::join!(
+            // A batch waits as long as the broker is away: that is a legitimate wait.
+            heartbeat.during(producer.publish(
                 &rows,
                 &mut tracker,
                 shutdown,
                 config.shutdown_timeout,
                 &still_leader,
                 config.ack_stall,
-            ))
-            .await;
+            )),
+            async {
+                // The previous batch is marked first, so the read does not see it.
+                mark_acked(outbox, acked, stats, &pg_shutdown, heartbeat).await;
+                if !read_ahead || pg_shutdown.is_triggered() {
+                    return None;
+                }
+                let read_started = Instant::now();
+                // A failed read-ahead is only a lost optimisation: the next read reports it.
+                let rows = match outbox
+                    .fetch_after(config.batch_size, &in_flight)
+                    .await
+                    .ok()?
+                {
+                    ReadPast::Rows(rows) => rows,
+                    ReadPast::RowBelow(outbox_id) => {
+                        events::ReadRestarted { outbox_id }.emit();
+                        return None;
+                    }
+                };
+                Some(ReadAhead {
+                    rows,
+                    read: read_started.elapsed(),
+                })
+            },
+        );
+        let publish = started.elapsed();
         let settled = tracker.finish();
+        let n_rows = rows.len();
+        let clean = settled.deliverable.len() == n_rows
+            && report.n_transient == 0
+            && report.n_suspect == 0
+            && producer.fatal_error().is_none()
+            && keeper.leads_with(epoch)
+            && !shutdown.is_triggered();
+        if clean {
+            // Every row acknowledged: no row of this batch can be read again, so the read-ahead
+            // (which left them out) holds the oldest undelivered rows after them. Marking waits
+            // for the next batch's publish.
+            self.acked = Some(Acked {
+                deliverable: settled.deliverable,
+                epoch,
+                n_rows,
+                read,
+                publish,
+                started,
+            });
+            self.read_ahead = next.filter(|next| !next.rows.is_empty());
+            self.publisher = Some(producer);
+            self.n_unacknowledged = 0;
+            self.n_isolated = self.n_isolated.saturating_sub(1);
+            self.kafka_backoff.reset();
+            return;
+        }
+        // Something did not settle: the read-ahead may hold later rows of an aggregate whose row
+        // failed here. Drop it; mark what was acknowledged now; the next read starts over.
+        drop(next);
+        let mark_started = Instant::now();
         let n_marked = mark(
             &self.outbox,
             &settled.deliverable,
@@ -269,13 +417,16 @@ impl Relay<'_> {
         self.stats.n_published += n_marked;
         self.n_unacknowledged = settled.n_held;
         events::BatchPublished {
-            n_rows: rows.len(),
+            n_rows,
             n_marked,
             n_failed: settled.failed.len() + settled.poisoned.len(),
             n_held: settled.n_held,
             n_transient: report.n_transient,
             n_suspect: report.n_suspect,
             n_poisoned: settled.poisoned.len(),
+            read,
+            publish,
+            mark: mark_started.elapsed(),
             elapsed: started.elapsed(),
         }
         .emit();
@@ -444,6 +595,40 @@ async fn ensure_usable_producer(publisher: &mut Option<Publisher>, config: &Conf
     if publisher.is_none() {
         *publisher = Publisher::idempotent(&config.kafka, &config.topic_template).ok();
     }
+}
+
+/// Marks the batch waiting in `acked` (acknowledged in full), if there is one, and reports it.
+/// `acked` is emptied only once the mark returned, so a mark cut short by a stop signal is made
+/// again before the relay stops.
+async fn mark_acked(
+    outbox: &Outbox,
+    acked: &mut Option<Acked>,
+    stats: &mut RelayStats,
+    shutdown: &Shutdown,
+    heartbeat: &Heartbeat,
+) {
+    let Some(batch) = acked.as_ref() else {
+        return;
+    };
+    let started = Instant::now();
+    let n_marked = mark(outbox, &batch.deliverable, batch.epoch, shutdown, heartbeat).await;
+    let mark_elapsed = started.elapsed();
+    stats.n_published += n_marked;
+    events::BatchPublished {
+        n_rows: batch.n_rows,
+        n_marked,
+        n_failed: 0,
+        n_held: 0,
+        n_transient: 0,
+        n_suspect: 0,
+        n_poisoned: 0,
+        read: batch.read,
+        publish: batch.publish,
+        mark: mark_elapsed,
+        elapsed: batch.started.elapsed(),
+    }
+    .emit();
+    *acked = None;
 }
 
 /// Marks acknowledged rows, retrying while Postgres is unavailable. A row that stays unmarked
