@@ -28,7 +28,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -488,35 +489,76 @@ async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
     {
         r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
     }
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "0")
-        .create()?;
+    // posthorn's own producer defaults, and the user's --relay-env POSTHORN_KAFKA_* overrides.
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &args.brokers);
+    for (k, v) in posthorn::publisher::DEFAULTS {
+        config.set(*k, *v);
+    }
+    for pair in &args.relay_env {
+        if let Some((k, v)) = pair.split_once('=') {
+            if let Some(suffix) = k.strip_prefix("POSTHORN_KAFKA_") {
+                config.set(posthorn::config::kafka_property_name(suffix), v);
+            }
+        }
+    }
+    let producer: FutureProducer = config.create()?;
     let pad = "x".repeat(PAD);
     let started = Instant::now();
-    let batch: u64 = args.batch_size.parse()?;
-    let mut sent = 0u64;
-    while sent < args.rows {
-        // The same shape as the relay: a batch handed over without waiting, then its reports.
-        let mut pending = Vec::with_capacity(batch as usize);
-        for seq in sent..(sent + batch).min(args.rows) {
-            let key = format!("key-{}", seq % args.keys);
-            let value = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
-            let record = FutureRecord::to(&topic).key(&key).payload(&value);
+    // As fast as the producer goes: every record handed over at once, waiting for delivery
+    // reports only when librdkafka's queue is full. The same records as the relay's: key,
+    // JSON value and posthorn's headers.
+    let mut pending = std::collections::VecDeque::new();
+    for seq in 0..args.rows {
+        let key = format!("key-{}", seq % args.keys);
+        let value = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
+        let event_id = uuid::Uuid::new_v4().to_string();
+        let outbox_id = seq.to_string();
+        let headers = OwnedHeaders::new_with_capacity(5)
+            .insert(Header {
+                key: "event-id",
+                value: Some(&event_id),
+            })
+            .insert(Header {
+                key: "event-type",
+                value: Some("BenchEvent"),
+            })
+            .insert(Header {
+                key: "aggregate-type",
+                value: Some("bench"),
+            })
+            .insert(Header {
+                key: "outbox-id",
+                value: Some(&outbox_id),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            });
+        let mut record = FutureRecord::to(&topic)
+            .key(&key)
+            .payload(&value)
+            .headers(headers);
+        loop {
             match producer.send_result(record) {
-                Ok(f) => pending.push(f),
+                Ok(f) => {
+                    pending.push_back(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    if let Some(f) = pending.pop_front() {
+                        f.await?
+                            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+                    }
+                }
                 Err((e, _)) => anyhow::bail!("produce: {e}"),
             }
         }
-        sent += pending.len() as u64;
-        for f in pending {
-            f.await?
-                .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
-        }
+    }
+    for f in pending {
+        f.await?
+            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
     }
     let rate = args.rows as f64 / started.elapsed().as_secs_f64();
     let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
@@ -539,8 +581,24 @@ async fn steady(args: &Args, rate: u64) -> anyhow::Result<Steady> {
     let child = posthorn_cmd(&setup.url, args, &setup.topic)
         .arg("run")
         .spawn()?;
-    // Let the relay take its lease and go idle.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Warm up: the first batch after start waits for the idempotent producer's id (librdkafka
+    // asks for it on a 500 ms timer once a broker connection is up: 0.5-1 s after the producer
+    // is created). Steady state starts once a warm-up row (no `seq`, so the consumer skips it)
+    // is delivered.
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('bench', 'warm-up', 'BenchEvent', '{}')",
+    )
+    .execute(&setup.pool)
+    .await?;
+    let warm_up_deadline = Instant::now() + Duration::from_secs(30);
+    while setup.pending().await? {
+        anyhow::ensure!(
+            Instant::now() < warm_up_deadline,
+            "the relay did not deliver the warm-up row within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let base = Instant::now();
     let max_events = if rate == 0 {
@@ -644,7 +702,7 @@ async fn steady(args: &Args, rate: u64) -> anyhow::Result<Steady> {
     }
     let delivered_secs = started.elapsed().as_secs_f64();
     let db_p99: f64 = sqlx::query_scalar(
-        "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - created_at) * 1000) FROM outbox",
+        "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - created_at) * 1000) FROM outbox WHERE aggregate_id <> 'warm-up'",
     )
     .fetch_one(&setup.pool)
     .await?;

@@ -40,7 +40,7 @@ pub const RESERVED_HEADERS: [&str; 5] = [
 const FATAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// posthorn's producer defaults, applied before the user's `POSTHORN_KAFKA_*` properties.
-const DEFAULTS: &[(&str, &str)] = &[
+pub const DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "posthorn"),
     // The promise: no duplicates from retries, per-partition order, every replica has it.
     ("enable.idempotence", "true"),
@@ -54,7 +54,11 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("message.timeout.ms", "0"),
     // Java clients' partitioner, so keys land where Java producers and consumers expect them.
     ("partitioner", "murmur2_random"),
-    ("linger.ms", "5"),
+    // A batch's records are handed over at once, so they batch without lingering; linger only
+    // delays the last ones. Measured on posthorn-bench (2 cores, medians of 3): 5 ms gave
+    // drain 69k rows/s and p99 30 ms at 1k rows/s; 1 ms gave 77k and 14 ms; 0 gave 67k and
+    // 20 ms (requests too small under load).
+    ("linger.ms", "1"),
     // linger.ms already batches; Nagle on top only delays the last segment of a request
     // (measured: p99 commit-to-ack at 1k rows/s went from ~400 ms to ~90 ms without it).
     ("socket.nagle.disable", "true"),
@@ -408,6 +412,18 @@ impl Publisher {
             },
             Err((err, _)) => Err(err),
         }
+    }
+
+    /// Connects to a broker now, in the background, rather than when the first record is sent.
+    /// librdkafka asks for the idempotent producer's id on a 500 ms timer, and only once a
+    /// broker connection is up: connecting at once makes the id ready ~0.5 s after creation
+    /// instead of ~1 s, which the first batch would otherwise wait for. A failure here is only
+    /// a lost head start: sending reports the real error.
+    pub fn connect_early(&self) {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = brokers_only_metadata(producer.client(), Duration::from_secs(10));
+        });
     }
 
     /// Asks the cluster for its metadata (brokers, topics), as `check` does.

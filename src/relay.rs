@@ -72,6 +72,7 @@ pub async fn run_with_heartbeat(
     let outbox = Outbox::connect_lazy(config)?;
     // Created up front so that an invalid Kafka property is a start-up error, not a retry loop.
     let publisher = Publisher::idempotent(&config.kafka, &config.topic_template)?;
+    publisher.connect_early();
     events::RelayStarted {
         database: config.database.redacted(),
         brokers: &config.kafka.brokers,
@@ -313,7 +314,10 @@ impl Relay<'_> {
         let producer = match self.publisher.take() {
             Some(p) => p,
             None => match Publisher::idempotent(&config.kafka, &config.topic_template) {
-                Ok(p) => p,
+                Ok(p) => {
+                    p.connect_early();
+                    p
+                }
                 Err(err) => {
                     let retry_in = self.kafka_backoff.next_delay();
                     events::ProducerCreateFailed {
