@@ -5,6 +5,7 @@
 //! producer, so rows sent in id order reach each partition in id order.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +14,10 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::{Client, ClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::acks::Tracker;
@@ -105,9 +108,75 @@ impl ClientContext for KafkaClient {
     }
 }
 
+/// Delivery reports go to the oneshot channel each record carries.
+impl ProducerContext for KafkaClient {
+    type DeliveryOpaque = Box<oneshot::Sender<Result<(), KafkaError>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, report_to: Self::DeliveryOpaque) {
+        let report = match result {
+            Ok(_) => Ok(()),
+            Err((err, _)) => Err(err.clone()),
+        };
+        // The batch may have stopped waiting (shutdown): nobody to tell.
+        let _ = report_to.send(report);
+    }
+}
+
+/// How long the polling thread waits for librdkafka's events per call. rdkafka's own
+/// `ThreadedProducer` polls every 100 ms, and each `poll` busy-waits through its last
+/// sub-millisecond (it truncates the remaining time to whole milliseconds, then polls with 0):
+/// measured with perf, ~1% of a core on an idle relay. A longer wait costs nothing (an event
+/// wakes it at once) and cuts that to ~0.1%; it bounds only how long a dropped producer's
+/// thread takes to notice.
+const POLL_WAIT: Duration = Duration::from_secs(1);
+
+/// A `BaseProducer` with a thread of its own serving its events (delivery reports, errors).
+struct PolledProducer {
+    producer: Arc<BaseProducer<KafkaClient>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PolledProducer {
+    fn new(config: &ClientConfig) -> Result<PolledProducer, KafkaError> {
+        let producer: Arc<BaseProducer<KafkaClient>> =
+            Arc::new(config.create_with_context(KafkaClient::Producer)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_producer, thread_stop) = (producer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("kafka-poll".to_owned())
+            .spawn(move || {
+                while !thread_stop.load(Ordering::Relaxed) {
+                    thread_producer.poll(POLL_WAIT);
+                }
+                // The last reference may be this one: librdkafka's destructor (purge, then
+                // up to 500 ms serving the purged records' reports) runs here, off the runtime.
+            })
+            .map_err(|err| {
+                KafkaError::ClientCreation(format!("starting the poll thread: {err}"))
+            })?;
+        Ok(PolledProducer { producer, stop })
+    }
+}
+
+impl Drop for PolledProducer {
+    fn drop(&mut self) {
+        // Nothing is written after this: what is queued or in flight fails as purged.
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight().non_blocking());
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Deref for PolledProducer {
+    type Target = BaseProducer<KafkaClient>;
+    fn deref(&self) -> &Self::Target {
+        &self.producer
+    }
+}
+
 /// The idempotent producer and the rules that turn a row into a record.
 pub struct Publisher {
-    producer: FutureProducer<KafkaClient>,
+    producer: PolledProducer,
     topic_template: TopicTemplate,
     brokers: String,
 }
@@ -126,9 +195,7 @@ impl Publisher {
         topic_template: &TopicTemplate,
     ) -> Result<Publisher, PublisherError> {
         let config = client_config(kafka);
-        let producer: FutureProducer<KafkaClient> = config
-            .create_with_context(KafkaClient::Producer)
-            .map_err(creation_error)?;
+        let producer = PolledProducer::new(&config).map_err(creation_error)?;
         Ok(Publisher {
             producer,
             topic_template: topic_template.clone(),
@@ -198,15 +265,17 @@ impl Publisher {
                     }
                 }
             }
-            let mut record = FutureRecord::<[u8], [u8]>::to(&topic)
-                .key(row.aggregate_id.as_bytes())
-                .headers(headers);
+            let (report_to, delivery) = oneshot::channel();
+            let mut record =
+                BaseRecord::<[u8], [u8], _>::with_opaque_to(&topic, Box::new(report_to))
+                    .key(row.aggregate_id.as_bytes())
+                    .headers(headers);
             if let Some(payload) = &row.payload {
                 record = record.payload(payload.as_bytes());
             }
             loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
+                match self.producer.send(record) {
+                    Ok(()) => {
                         let record_topic = topic.clone();
                         pending.push(async move { (i, record_topic, delivery.await) });
                         last_sent.insert(aggregate, (i, topic));
@@ -398,18 +467,15 @@ impl Publisher {
         if let Some(payload) = payload {
             headers = headers.insert(header("content-type", payload.content_type()));
         }
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+        let (report_to, delivery) = oneshot::channel();
+        let mut record = BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, Box::new(report_to))
             .key(row.aggregate_id.as_bytes())
             .headers(headers);
         if let Some(payload) = payload {
             record = record.payload(payload.as_bytes());
         }
-        match self.producer.send_result(record) {
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((err, _))) => Err(err),
-                Err(_) => Err(KafkaError::Canceled),
-            },
+        match self.producer.send(record) {
+            Ok(()) => delivery.await.unwrap_or(Err(KafkaError::Canceled)),
             Err((err, _)) => Err(err),
         }
     }
@@ -420,7 +486,7 @@ impl Publisher {
     /// instead of ~1 s, which the first batch would otherwise wait for. A failure here is only
     /// a lost head start: sending reports the real error.
     pub fn connect_early(&self) {
-        let producer = self.producer.clone();
+        let producer = self.producer.producer.clone();
         tokio::task::spawn_blocking(move || {
             let _ = brokers_only_metadata(producer.client(), Duration::from_secs(10));
         });
@@ -428,7 +494,7 @@ impl Publisher {
 
     /// Asks the cluster for its metadata (brokers, topics), as `check` does.
     pub async fn cluster_info(&self, timeout: Duration) -> Result<ClusterInfo, PublisherError> {
-        let producer = self.producer.clone();
+        let producer = self.producer.producer.clone();
         let metadata = tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(None, timeout).map(|m| {
                 let brokers = m
@@ -466,10 +532,10 @@ impl Publisher {
         self.producer.in_flight_count()
     }
 
-    /// Drops the producer off the async runtime: librdkafka's destructor purges and may block
-    /// for up to half a second.
+    /// Stops the producer: what it still holds is purged (never sent), and librdkafka's
+    /// destructor runs on the polling thread, off the async runtime.
     pub async fn close(self) {
-        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        drop(self);
     }
 }
 
@@ -598,10 +664,8 @@ fn parse_headers(json: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(map)
 }
 
-type Report = Result<
-    rdkafka::producer::future_producer::OwnedDeliveryResult,
-    futures::channel::oneshot::Canceled,
->;
+/// A record's delivery report: `Err(RecvError)` if the producer went away without one.
+type Report = Result<Result<(), KafkaError>, oneshot::error::RecvError>;
 
 /// A sent record: the row's index in the batch, its topic, and its delivery report.
 type Sent = (usize, String, Report);
@@ -655,7 +719,7 @@ enum Verdict {
 fn settle(tracker: &mut Tracker<'_>, rows: &[OutboxRow], sent: Sent, alone: bool) -> Verdict {
     let (i, topic, report) = sent;
     match report {
-        Ok(Ok(_delivery)) => {
+        Ok(Ok(())) => {
             tracker.ack(i);
             events::RecordAcknowledged {
                 topic: &topic,
@@ -664,7 +728,7 @@ fn settle(tracker: &mut Tracker<'_>, rows: &[OutboxRow], sent: Sent, alone: bool
             .emit();
             Verdict::Acked
         }
-        Ok(Err((err, _message))) => record_failure(tracker, i, &err, alone),
+        Ok(Err(err)) => record_failure(tracker, i, &err, alone),
         Err(_canceled) => {
             tracker.fail(
                 i,
