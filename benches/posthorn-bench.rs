@@ -22,7 +22,7 @@ use clap::Parser;
 use posthorn::acks::Tracker;
 use posthorn::config::{OutboxTable, PoisonPolicy};
 use posthorn::lease::Lease;
-use posthorn::outbox::Outbox;
+use posthorn::outbox::{Outbox, ReadPast};
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -455,16 +455,26 @@ async fn postgres_limit(args: &Args) -> anyhow::Result<f64> {
     let batch: usize = args.batch_size.parse()?;
     let started = Instant::now();
     let mut n = 0u64;
+    // The relay's statements in the relay's order, one after the other: read the next batch
+    // past the one "in flight" (the read and its check), mark that one, repeat.
+    let mut in_flight: Vec<posthorn::outbox::OutboxRow> = Vec::new();
     loop {
-        let rows = outbox.fetch_batch(batch).await?;
+        let sent: Vec<i64> = in_flight.iter().map(|r| r.id).collect();
+        let rows = match outbox.fetch_after(batch, &sent).await? {
+            ReadPast::Rows(rows) => rows,
+            ReadPast::RowBelow(_) => anyhow::bail!("no row commits below the batch here"),
+        };
+        if !in_flight.is_empty() {
+            let mut tracker = Tracker::new(&in_flight, PoisonPolicy::DeadLetter);
+            (0..in_flight.len()).for_each(|i| tracker.ack(i));
+            n += outbox
+                .mark_delivered(&tracker.finish().deliverable, epoch)
+                .await?;
+        }
         if rows.is_empty() {
             break;
         }
-        let mut tracker = Tracker::new(&rows, PoisonPolicy::DeadLetter);
-        (0..rows.len()).for_each(|i| tracker.ack(i));
-        n += outbox
-            .mark_delivered(&tracker.finish().deliverable, epoch)
-            .await?;
+        in_flight = rows;
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     setup.drop().await?;

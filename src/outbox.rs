@@ -158,9 +158,9 @@ impl Outbox {
         let (database, table, policy) = (&config.database, &config.outbox, config.on_poison);
         let options: PgConnectOptions = database.url().parse().map_err(OutboxError::Settings)?;
         let pool = PgPoolOptions::new()
-            // The relay reads and marks one batch at a time; the others serve the lease keeper
-            // and the listener's re-connects without waiting.
-            .max_connections(3)
+            // The listener holds one; the relay reads and marks at the same time (two); one
+            // stays free for the lease keeper, whose renewal must never wait for a slow mark.
+            .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
             // Names this instance's sessions in pg_stat_activity (63 bytes at most).
             .connect_lazy_with(options.application_name(&application_name(&config.instance_id)));
