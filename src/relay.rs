@@ -135,14 +135,7 @@ pub async fn run_with_heartbeat(
                 // stand by. Marks of this epoch are refused: the next leader publishes those
                 // rows again.
                 relay.read_ahead = None;
-                mark_acked(
-                    &relay.outbox,
-                    &mut relay.acked,
-                    &mut relay.stats,
-                    &shutdown,
-                    heartbeat,
-                )
-                .await;
+                relay.mark_acked(&shutdown, heartbeat).await;
                 if let Some(producer) = relay.publisher.take() {
                     producer.close().await;
                 }
@@ -228,14 +221,7 @@ pub async fn run_with_heartbeat(
         }
     }
     // Marked before the lease is released: the mark is fenced by it.
-    mark_acked(
-        &relay.outbox,
-        &mut relay.acked,
-        &mut relay.stats,
-        &shutdown,
-        heartbeat,
-    )
-    .await;
+    relay.mark_acked(&shutdown, heartbeat).await;
     keeper.stop().await;
     if let Some(epoch) = last_epoch {
         // Drained: hand over at once rather than make a standby wait for the expiry.
@@ -300,6 +286,18 @@ struct ReadAhead {
 }
 
 impl Relay<'_> {
+    /// Marks the acknowledged batch, if one is waiting.
+    async fn mark_acked(&mut self, shutdown: &Shutdown, heartbeat: &Heartbeat) {
+        mark_acked(
+            &self.outbox,
+            &mut self.acked,
+            &mut self.stats,
+            shutdown,
+            heartbeat,
+        )
+        .await;
+    }
+
     /// Publishes one batch as leader with `epoch`, settles it and marks it.
     async fn publish_batch(
         &mut self,

@@ -31,21 +31,7 @@ async fn concurrent_writers_rows_all_arrive_once_in_per_key_commit_order() {
     spawn_writers(&db.pool, &topic, &keys, N_EVENTS, N_WRITERS)
         .await
         .expect("writers");
-    wait_until(
-        Duration::from_secs(120),
-        "every row is marked delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
-    let stats = relay.stop().await;
-    assert_eq!(stats.n_published, N_EVENTS as u64);
-
-    let records = read_topic(&topic, N_EVENTS, Duration::from_secs(60)).await;
-    assert_eq!(
-        records.len(),
-        N_EVENTS,
-        "exactly one record per committed row"
-    );
+    let records = drain_and_read(&db, relay, &topic, N_EVENTS).await;
 
     // The contract: key = aggregate_id, value = payload, headers from the row.
     let rows: HashMap<i64, (Uuid, String, i32)> = sqlx::query(
@@ -458,21 +444,7 @@ async fn late_commits_during_a_backlog_keep_per_key_order() {
         w.await.expect("writer");
     }
     let n_total = N_KEYS * N_BACKLOG_PER_KEY + N_LIVE;
-    wait_until(
-        Duration::from_secs(120),
-        "every row is marked delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
-    let stats = relay.stop().await;
-    assert_eq!(stats.n_published, n_total as u64);
-
-    let records = read_topic(&topic, n_total, Duration::from_secs(60)).await;
-    assert_eq!(
-        records.len(),
-        n_total,
-        "exactly one record per committed row"
-    );
+    let records = drain_and_read(&db, relay, &topic, n_total).await;
     let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for r in &records {
         per_key
@@ -493,4 +465,25 @@ async fn late_commits_during_a_backlog_keep_per_key_order() {
         posthorn::metrics::read_restarts_total() > restarts_before,
         "no read past rows in flight met a late commit"
     );
+}
+
+/// Waits until every row is marked delivered, stops the relay, and reads the topic: exactly one
+/// record per committed row (`n`).
+async fn drain_and_read(
+    db: &TestDb,
+    relay: RunningRelay,
+    topic: &str,
+    n: usize,
+) -> Vec<crate::support::Record> {
+    wait_until(
+        Duration::from_secs(120),
+        "every row is marked delivered",
+        || async { db.undelivered().await == 0 },
+    )
+    .await;
+    let stats = relay.stop().await;
+    assert_eq!(stats.n_published, n as u64);
+    let records = read_topic(topic, n, Duration::from_secs(60)).await;
+    assert_eq!(records.len(), n, "exactly one record per committed row");
+    records
 }
