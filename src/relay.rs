@@ -155,11 +155,14 @@ pub async fn run_with_heartbeat(
                     let (outbox, acked, stats) =
                         (&relay.outbox, &mut relay.acked, &mut relay.stats);
                     let mark_shutdown = shutdown.clone();
-                    let fetched = tokio::select! {
+                    let (fetched, mut read) = tokio::select! {
                         _ = shutdown.triggered() => break 'standby,
                         (fetched, ()) = async {
                             tokio::join!(
-                                outbox.fetch_after(limit, &sent),
+                                async {
+                                    let fetched = outbox.fetch_after(limit, &sent).await;
+                                    (fetched, read_started.elapsed())
+                                },
                                 mark_acked(outbox, acked, stats, &mark_shutdown, heartbeat),
                             )
                         } => fetched,
@@ -169,14 +172,17 @@ pub async fn run_with_heartbeat(
                         Ok(ReadPast::RowBelow(outbox_id)) => {
                             // Read from the oldest: the acknowledged batch is marked by now.
                             events::ReadRestarted { outbox_id }.emit();
-                            tokio::select! {
+                            let again_started = Instant::now();
+                            let fetched = tokio::select! {
                                 _ = shutdown.triggered() => break 'standby,
                                 fetched = relay.outbox.fetch_batch(limit) => fetched,
-                            }
+                            };
+                            read += again_started.elapsed();
+                            fetched
                         }
                         Err(err) => Err(err),
                     };
-                    (fetched, read_started.elapsed())
+                    (fetched, read)
                 }
             };
             let rows = match fetched {
@@ -341,16 +347,21 @@ impl Relay<'_> {
         };
         let pg_shutdown = shutdown.clone();
         let (outbox, acked, stats) = (&self.outbox, &mut self.acked, &mut self.stats);
-        let (report, next) = tokio::join!(
-            // A batch waits as long as the broker is away: that is a legitimate wait.
-            heartbeat.during(producer.publish(
-                &rows,
-                &mut tracker,
-                shutdown,
-                config.shutdown_timeout,
-                &still_leader,
-                config.ack_stall,
-            )),
+        let ((report, publish), next) = tokio::join!(
+            async {
+                // A batch waits as long as the broker is away: that is a legitimate wait.
+                let report = heartbeat
+                    .during(producer.publish(
+                        &rows,
+                        &mut tracker,
+                        shutdown,
+                        config.shutdown_timeout,
+                        &still_leader,
+                        config.ack_stall,
+                    ))
+                    .await;
+                (report, started.elapsed())
+            },
             async {
                 // The previous batch is marked first, so the read does not see it.
                 mark_acked(outbox, acked, stats, &pg_shutdown, heartbeat).await;
@@ -376,7 +387,6 @@ impl Relay<'_> {
                 })
             },
         );
-        let publish = started.elapsed();
         let settled = tracker.finish();
         let n_rows = rows.len();
         let clean = settled.deliverable.len() == n_rows
