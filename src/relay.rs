@@ -340,8 +340,12 @@ impl Relay<'_> {
         let still_leader = || keeper.leads_with(epoch);
         // A full batch means a backlog: read the next batch while this one waits for its acks.
         let read_ahead = self.n_isolated == 0 && rows.len() >= config.batch_size;
-        let in_flight: Vec<i64> = if read_ahead {
-            rows.iter().map(|r| r.id).collect()
+        // Rows sent and not yet marked: the previous batch (marked meanwhile) and this one.
+        let sent: Vec<i64> = if read_ahead {
+            let mut sent: Vec<i64> = self.acked.as_ref().map(Acked::ids).unwrap_or_default();
+            sent.extend(rows.iter().map(|r| r.id));
+            sent.sort_unstable();
+            sent
         } else {
             Vec::new()
         };
@@ -363,28 +367,30 @@ impl Relay<'_> {
                 (report, started.elapsed())
             },
             async {
-                // The previous batch is marked first, so the read does not see it.
-                mark_acked(outbox, acked, stats, &pg_shutdown, heartbeat).await;
-                if !read_ahead || pg_shutdown.is_triggered() {
-                    return None;
-                }
-                let read_started = Instant::now();
-                // A failed read-ahead is only a lost optimisation: the next read reports it.
-                let rows = match outbox
-                    .fetch_after(config.batch_size, &in_flight)
-                    .await
-                    .ok()?
-                {
-                    ReadPast::Rows(rows) => rows,
-                    ReadPast::RowBelow(outbox_id) => {
-                        events::ReadRestarted { outbox_id }.emit();
+                // The previous batch is marked while the next one is read past both.
+                let read_past = async {
+                    if !read_ahead || pg_shutdown.is_triggered() {
                         return None;
                     }
+                    let read_started = Instant::now();
+                    // A failed read-ahead is only a lost optimisation: the next read reports it.
+                    let rows = match outbox.fetch_after(config.batch_size, &sent).await.ok()? {
+                        ReadPast::Rows(rows) => rows,
+                        ReadPast::RowBelow(outbox_id) => {
+                            events::ReadRestarted { outbox_id }.emit();
+                            return None;
+                        }
+                    };
+                    Some(ReadAhead {
+                        rows,
+                        read: read_started.elapsed(),
+                    })
                 };
-                Some(ReadAhead {
-                    rows,
-                    read: read_started.elapsed(),
-                })
+                let ((), next) = tokio::join!(
+                    mark_acked(outbox, acked, stats, &pg_shutdown, heartbeat),
+                    read_past,
+                );
+                next
             },
         );
         let settled = tracker.finish();
