@@ -3,8 +3,8 @@
 //! A batch is settled before the next one is sent, and every read takes the oldest undelivered
 //! rows (including any a failed batch left behind), so nothing needs a cursor. Postgres work
 //! overlaps Kafka work only on the clean path: while a full batch waits for its acks, the
-//! previous batch (acknowledged in full) is marked and the next one is read, leaving out the rows
-//! in flight. A batch that did not settle cleanly discards that read-ahead, is marked at once,
+//! previous batch (acknowledged in full) is marked and, concurrently, the next one is read past
+//! both. A batch that did not settle cleanly discards that read-ahead, is marked at once,
 //! and the next read starts again from the oldest undelivered row. Transient failures (Postgres
 //! or Kafka down, a failed record) never end the loop: it logs, backs off and resumes from the
 //! oldest undelivered row. Only a stop signal ends it.
