@@ -252,18 +252,7 @@ impl Setup {
             .connect(&url)
             .await?;
         let topic = format!("posthorn-bench-{what}-{id}");
-        let admin_client: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &args.brokers)
-            .create()?;
-        for r in admin_client
-            .create_topics(
-                &[NewTopic::new(&topic, 6, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await?
-        {
-            r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-        }
+        create_topic(&args.brokers, &topic).await?;
         Ok(Setup {
             admin: args.database_url.clone(),
             name,
@@ -481,24 +470,33 @@ async fn postgres_limit(args: &Args) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// A bare idempotent producer with posthorn's settings sending the same records.
-async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
-    let topic = format!(
-        "posthorn-bench-kafkalimit-{:08x}",
-        rand::rng().random::<u32>()
-    );
+/// Creates `topic` with 6 partitions; returns the admin client (to delete it afterwards).
+async fn create_topic(
+    brokers: &str,
+    topic: &str,
+) -> anyhow::Result<AdminClient<DefaultClientContext>> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
+        .set("bootstrap.servers", brokers)
         .create()?;
     for r in admin
         .create_topics(
-            &[NewTopic::new(&topic, 6, TopicReplication::Fixed(1))],
+            &[NewTopic::new(topic, 6, TopicReplication::Fixed(1))],
             &AdminOptions::new(),
         )
         .await?
     {
         r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
     }
+    Ok(admin)
+}
+
+/// A bare idempotent producer with posthorn's settings sending the same records.
+async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
+    let topic = format!(
+        "posthorn-bench-kafkalimit-{:08x}",
+        rand::rng().random::<u32>()
+    );
+    let admin = create_topic(&args.brokers, &topic).await?;
     // posthorn's own producer defaults, and the user's --relay-env POSTHORN_KAFKA_* overrides.
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &args.brokers);

@@ -101,10 +101,8 @@ async fn records_follow_the_contract_for_key_value_headers_and_topic() {
     .execute(&db.pool)
     .await
     .expect("insert");
-    wait_until(Duration::from_secs(30), "rows are delivered", || async {
-        db.undelivered().await == 0
-    })
-    .await;
+    db.wait_all_delivered(Duration::from_secs(30), "rows are delivered")
+        .await;
     relay.stop().await;
 
     let templated = read_topic(&template_topic, 2, Duration::from_secs(30)).await;
@@ -175,12 +173,8 @@ async fn rolled_back_rows_are_never_published() {
             }
         }
     }
-    wait_until(
-        Duration::from_secs(60),
-        "committed rows are delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(60), "committed rows are delivered")
+        .await;
     relay.stop().await;
 
     let records = read_topic(&topic, committed.len(), Duration::from_secs(30)).await;
@@ -287,12 +281,8 @@ async fn a_transaction_held_open_does_not_stall_other_transactions_rows() {
             .await
             .expect("insert");
     }
-    wait_until(
-        Duration::from_secs(60),
-        "the other 500 rows are delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(60), "the other 500 rows are delivered")
+        .await;
     let records = read_topic(&topic, 500, Duration::from_secs(30)).await;
     assert_eq!(
         records.len(),
@@ -300,12 +290,8 @@ async fn a_transaction_held_open_does_not_stall_other_transactions_rows() {
         "all of them, while the long transaction is still open"
     );
     long.commit().await.expect("commit the long transaction");
-    wait_until(
-        Duration::from_secs(30),
-        "its row is delivered too",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(30), "its row is delivered too")
+        .await;
     relay.stop().await;
     let records = read_topic(&topic, 501, Duration::from_secs(30)).await;
     assert_eq!(records.len(), 501);
@@ -475,12 +461,8 @@ async fn drain_and_read(
     topic: &str,
     n: usize,
 ) -> Vec<crate::support::Record> {
-    wait_until(
-        Duration::from_secs(120),
-        "every row is marked delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(120), "every row is marked delivered")
+        .await;
     let stats = relay.stop().await;
     assert_eq!(stats.n_published, n as u64);
     let records = read_topic(topic, n, Duration::from_secs(60)).await;

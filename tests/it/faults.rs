@@ -51,12 +51,8 @@ fn relay_for(f: &Fixture) -> RunningRelay {
 
 async fn finish(f: &Fixture, relay: RunningRelay, writers: tokio::task::JoinHandle<()>) -> usize {
     writers.await.expect("writers");
-    wait_until(
-        Duration::from_secs(120),
-        "every row is delivered",
-        || async { f.db.undelivered().await == 0 },
-    )
-    .await;
+    f.db.wait_all_delivered(Duration::from_secs(120), "every row is delivered")
+        .await;
     relay.stop().await;
     let records = read_topic_at(
         &f.mock.bootstrap_servers(),

@@ -249,12 +249,8 @@ async fn three_instances_one_publisher_through_leader_kills_and_restarts() {
     for w in writers {
         w.await.expect("writer");
     }
-    wait_until(
-        Duration::from_secs(120),
-        "every row is delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(120), "every row is delivered")
+        .await;
     for process in instances.values() {
         process.signal("TERM");
     }

@@ -233,12 +233,8 @@ async fn healthz_fails_while_the_relay_loop_is_stuck_and_passes_again_after() {
     lock.rollback().await.expect("release the table");
     json_until(addr, "/healthz", "alive again", alive(200)).await;
     insert_rows(&db, &topic, "k", 1).await;
-    wait_until(
-        Duration::from_secs(30),
-        "a new row is delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(30), "a new row is delivered")
+        .await;
     relay.signal("TERM");
     assert!(relay.wait(Duration::from_secs(30)).await.success());
 }
@@ -393,12 +389,8 @@ async fn status_reports_the_backlog_and_redeliver_requeues_failed_and_delivered_
     assert_eq!(count(&db, "delivered_at IS NULL").await, 10);
 
     let mut relay = RelayProcess::spawn(&vars, &relay_log_path("status"));
-    wait_until(
-        Duration::from_secs(60),
-        "every row is delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(60), "every row is delivered")
+        .await;
     relay.signal("TERM");
     assert!(relay.wait(Duration::from_secs(30)).await.success());
     // The delivered rows twice (redelivered: duplicates by design), the rest once.

@@ -274,12 +274,9 @@ async fn halt_key_an_invalid_topic_name_then_an_operator_fixes_and_requeues_it()
         .await
         .expect("re-queue");
     let relay = RunningRelay::start(config(&out.db.url, &[("POSTHORN_ON_POISON", "halt-key")]));
-    wait_until(
-        Duration::from_secs(30),
-        "the halted aggregate drains",
-        || async { out.db.undelivered().await == 0 },
-    )
-    .await;
+    out.db
+        .wait_all_delivered(Duration::from_secs(30), "the halted aggregate drains")
+        .await;
     relay.stop().await;
     let records = read_topic(&out.topic, 7, Duration::from_secs(30)).await;
     assert_eq!(

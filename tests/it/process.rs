@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use crate::support::{
-    check_key_order, create_aggregates, create_topic, delivered, env_vars, posthorn_command,
-    read_topic, relay_log_path, spawn_writers, unique, wait_until, RelayProcess, TestDb,
+    check_key_order, create_aggregates, create_topic, delivered, env_vars, read_topic,
+    relay_log_path, run_posthorn, spawn_writers, unique, wait_until, RelayProcess, TestDb,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -39,12 +39,8 @@ async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_orde
         relay = RelayProcess::spawn(&vars, &relay_log_path("sigkill"));
     }
     writers.await.expect("writers");
-    wait_until(
-        Duration::from_secs(120),
-        "every row is delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(120), "every row is delivered")
+        .await;
     relay.signal("TERM");
     assert!(relay.wait(Duration::from_secs(30)).await.success());
 
@@ -128,18 +124,6 @@ async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka(
     }
 }
 
-fn run_binary(args: &[&str], vars: &[(String, String)]) -> (i32, String, String) {
-    let out = posthorn_command(vars)
-        .args(args)
-        .output()
-        .expect("running posthorn");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
         .iter()
@@ -149,7 +133,7 @@ fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 #[test]
 fn a_missing_variable_exits_2_with_one_line_naming_it_and_an_example() {
-    let (code, _, stderr) = run_binary(&["run"], &vars(&[("POSTHORN_KAFKA_BROKERS", "k:9092")]));
+    let (code, _, stderr) = run_posthorn(&["run"], &vars(&[("POSTHORN_KAFKA_BROKERS", "k:9092")]));
     assert_eq!(code, 2, "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
@@ -194,7 +178,7 @@ fn a_malformed_value_exits_2_naming_the_variable_without_echoing_secrets() {
         let mut vs = vars(&base);
         vs.retain(|(k, _)| k != var);
         vs.push((var.to_owned(), value.to_owned()));
-        let (code, _, stderr) = run_binary(&["run"], &vs);
+        let (code, _, stderr) = run_posthorn(&["run"], &vs);
         assert_eq!(code, 2, "{var}={value}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expected), "{var}={value}: {stderr}");
@@ -213,17 +197,17 @@ async fn migrate_creates_a_custom_schema_and_table_once_and_the_relay_publishes_
         ("POSTHORN_TABLE", "order_events"),
     ];
     let vs = env_vars(&db.url, &custom);
-    let (code, stdout, stderr) = run_binary(&["migrate"], &vs);
+    let (code, stdout, stderr) = run_posthorn(&["migrate"], &vs);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
         stdout.contains("\"sales\".\"order_events\": applied migration 1"),
         "{stdout}"
     );
-    let (code, stdout, _) = run_binary(&["migrate"], &vs);
+    let (code, stdout, _) = run_posthorn(&["migrate"], &vs);
     assert_eq!(code, 0);
     assert!(stdout.contains("is up to date"), "{stdout}");
 
-    let (code, stdout, stderr) = run_binary(&["check"], &vs);
+    let (code, stdout, stderr) = run_posthorn(&["check"], &vs);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("All checks passed."), "{stdout}");
     assert!(
@@ -257,7 +241,7 @@ async fn check_fails_with_status_1_when_a_service_is_unreachable_or_unmigrated()
             ("POSTHORN_KAFKA_BROKERS", "127.0.0.1:1"),
         ],
     );
-    let (code, stdout, stderr) = run_binary(&["check"], &vs);
+    let (code, stdout, stderr) = run_posthorn(&["check"], &vs);
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(stdout.contains("postgres  ok"), "{stdout}");
     assert!(
@@ -305,10 +289,8 @@ async fn logs_are_json_lines_when_asked_and_never_contain_a_secret() {
     );
     let log = relay_log_path("json");
     let mut relay = RelayProcess::spawn(&vars, &log);
-    wait_until(Duration::from_secs(30), "the row is delivered", || async {
-        db.undelivered().await == 0
-    })
-    .await;
+    db.wait_all_delivered(Duration::from_secs(30), "the row is delivered")
+        .await;
     relay.signal("TERM");
     assert!(relay.wait(Duration::from_secs(30)).await.success());
 

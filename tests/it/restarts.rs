@@ -53,12 +53,8 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
     broker.restart().await;
 
     writers.await.expect("writers");
-    wait_until(
-        Duration::from_secs(120),
-        "every row is delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(120), "every row is delivered")
+        .await;
     relay.signal("TERM");
     assert!(relay.wait(Duration::from_secs(30)).await.success());
     let records = read_topic_at(
@@ -128,12 +124,8 @@ async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
     );
     run("start");
 
-    wait_until(
-        Duration::from_secs(120),
-        "the backlog is delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(120), "the backlog is delivered")
+        .await;
     // The relay now idles; this insert reaches it only through NOTIFY on a re-LISTENed
     // connection (the next poll is 10 minutes away).
     sqlx::query(
@@ -145,10 +137,9 @@ async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
     .execute(&db.pool)
     .await
     .expect("rows after the restart");
-    wait_until(
+    db.wait_all_delivered(
         Duration::from_secs(30),
         "rows inserted after the restart are delivered",
-        || async { db.undelivered().await == 0 },
     )
     .await;
     relay.signal("TERM");
@@ -195,20 +186,15 @@ async fn a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_produce
         }
     };
     insert(1, 200).await;
-    wait_until(
-        Duration::from_secs(30),
-        "the first rows are delivered",
-        || async { db.undelivered().await == 0 },
-    )
-    .await;
+    db.wait_all_delivered(Duration::from_secs(30), "the first rows are delivered")
+        .await;
     // The broker comes back with nothing: no topic, no record of the producer's id.
     broker.restart().await;
     create_topic_at(&broker.brokers(), &topic, 1).await;
     insert(201, 400).await;
-    wait_until(
+    db.wait_all_delivered(
         Duration::from_secs(60),
         "rows written after the restart are delivered",
-        || async { db.undelivered().await == 0 },
     )
     .await;
     relay.signal("TERM");

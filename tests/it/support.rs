@@ -136,6 +136,11 @@ impl TestDb {
             .await
             .expect("counting undelivered rows")
     }
+
+    /// Waits up to `within` until no row is undelivered; `what` names the wait if it times out.
+    pub async fn wait_all_delivered(&self, within: Duration, what: &str) {
+        wait_until(within, what, || async { self.undelivered().await == 0 }).await;
+    }
 }
 
 /// Creates `posthorn_t_<test>_<random>` on the server of `admin_url`; returns its URL.
