@@ -112,8 +112,9 @@ async fn every_broker_down_mid_batch_then_up_again_loses_nothing_and_keeps_key_o
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after_outage = delivered(&f.db).await;
     assert!(
-        after_outage - during <= 50,
-        "at most the in-flight batch completes with every broker down ({during} -> {after_outage})"
+        after_outage - during <= 100,
+        "at most the batch acknowledged before the outage and the one in flight are marked with \
+         every broker down ({during} -> {after_outage})"
     );
     for broker in 1..=3 {
         f.mock.broker_up(broker).expect("broker up");
