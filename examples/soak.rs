@@ -68,12 +68,15 @@ async fn main() -> anyhow::Result<()> {
     let mut db_url = url::Url::parse(&args.database_url)?;
     db_url.set_path(&format!("/{db_name}"));
     let db_url = db_url.to_string();
+    // A port of its own, so the soak can tell when the relay is up (see `wait_serving`).
+    let http_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let env = [
         ("POSTHORN_DATABASE_URL", db_url.as_str()),
         ("POSTHORN_KAFKA_BROKERS", args.brokers.as_str()),
         ("POSTHORN_TOPIC_TEMPLATE", topic.as_str()),
         ("POSTHORN_BATCH_SIZE", &args.batch_size.to_string()),
         ("POSTHORN_LOG", "warn"),
+        ("POSTHORN_HTTP_ADDR", &http_addr.to_string()),
         // The restarted relay is the same instance: it takes its lease over at once.
         ("POSTHORN_INSTANCE_ID", &format!("soak-{run_id}")),
     ]
@@ -196,6 +199,10 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The relay installs its SIGTERM handler before it serves HTTP. If the previous relay
+    // drained everything, this one may be only milliseconds old: a SIGTERM before the handler
+    // exists would kill it like SIGKILL and say nothing about a clean stop.
+    wait_serving(http_addr).await?;
     Command::new("kill")
         .args(["-TERM", &relay.id().to_string()])
         .status()?;
@@ -232,6 +239,34 @@ async fn main() -> anyhow::Result<()> {
         "the soak found lost rows or reordered keys"
     );
     Ok(())
+}
+
+/// Waits until something answers HTTP on `addr` (any status will do), for at most 30 s.
+async fn wait_serving(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = format!("http://{addr}/healthz");
+    loop {
+        let answered = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(2)))
+                    .build()
+                    .into();
+                agent.get(&url).call().is_ok()
+            }
+        })
+        .await?;
+        if answered {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the relay did not serve {url} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The process's peak resident set (VmHWM), in KiB; 0 if it cannot be read.
