@@ -247,9 +247,11 @@ impl Setup {
             .stdout(Stdio::null())
             .status()?;
         anyhow::ensure!(status.success(), "posthorn migrate failed");
-        let pool = PgPoolOptions::new()
+        // The relay's pool options (TCP_NODELAY), so the Postgres limit runs as the relay does.
+        let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+        let pool = posthorn::tcp_nodelay::pool_options(&options)
             .max_connections(16)
-            .connect(&url)
+            .connect_with(options)
             .await?;
         let topic = format!("posthorn-bench-{what}-{id}");
         create_topic(&args.brokers, &topic).await?;

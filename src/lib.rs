@@ -13,7 +13,8 @@
 //! - [`migrate`]: the outbox schema, applied by `posthorn migrate`.
 //! - [`sidecar`]: `posthorn run` as deployed: the relay plus [`http`] (`/metrics`, `/healthz`,
 //!   `/readyz`), [`health`], [`backlog`] and [`retention`], stopped together.
-//! - [`cli`], [`events`], [`metrics`], [`retry`], [`shutdown`]: the edges.
+//! - [`cli`], [`events`], [`metrics`], [`retry`], [`shutdown`]: the edges; [`tcp_nodelay`]: a
+//!   workaround for sqlx 0.9.0.
 //!
 //! See ARCHITECTURE.md for the invariants.
 
@@ -34,3 +35,4 @@ pub mod retention;
 pub mod retry;
 pub mod shutdown;
 pub mod sidecar;
+pub mod tcp_nodelay;

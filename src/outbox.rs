@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -157,7 +157,7 @@ impl Outbox {
     pub fn connect_lazy(config: &Config) -> Result<Outbox, OutboxError> {
         let (database, table, policy) = (&config.database, &config.outbox, config.on_poison);
         let options: PgConnectOptions = database.url().parse().map_err(OutboxError::Settings)?;
-        let pool = PgPoolOptions::new()
+        let pool = crate::tcp_nodelay::pool_options(&options)
             // The listener holds one; the relay reads and marks at the same time (two); one
             // stays free for the lease keeper, whose renewal must never wait for a slow mark.
             .max_connections(4)
@@ -176,7 +176,7 @@ impl Outbox {
     ) -> Result<Outbox, OutboxError> {
         let options: PgConnectOptions = database.url().parse().map_err(OutboxError::Settings)?;
         let options = options.application_name("posthorn-background");
-        let pool = PgPoolOptions::new()
+        let pool = crate::tcp_nodelay::pool_options(&options)
             // One each for the readiness probe, the backlog gauges and retention: none waits
             // for another's slow statement.
             .max_connections(3)

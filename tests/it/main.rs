@@ -1,5 +1,6 @@
 //! Integration tests against a real PostgreSQL and a real Kafka-protocol broker (see support).
 
+mod connections;
 mod cross_client;
 mod delivery;
 mod faults;
