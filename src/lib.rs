@@ -35,4 +35,7 @@ pub mod retention;
 pub mod retry;
 pub mod shutdown;
 pub mod sidecar;
-pub mod tcp_nodelay;
+
+/// `TCP_NODELAY` on Postgres connections (sqlx 0.9.0 sets none), shared with services through
+/// `posthorn-writer`.
+pub use posthorn_writer::tcp_nodelay;

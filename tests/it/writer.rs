@@ -456,6 +456,13 @@ async fn batches_of_1000_events_are_written_at_a_measured_rate() {
     const N_RUNS: usize = 9;
     let db = TestDb::create("writer_rate").await;
     let mut conn = PgConnection::connect(&db.url).await.expect("connect");
+    // As docs/writing-events.md advises on sqlx 0.9.0 (the relay's own pools, in this process,
+    // would set it on this connection too, at a moment of their choosing).
+    let port = url::Url::parse(&db.url)
+        .expect("url")
+        .port()
+        .unwrap_or(5432);
+    posthorn_writer::tcp_nodelay::set_on_connections_to(port).expect("TCP_NODELAY");
     // Events per second: everything (build + enqueue_batch + commit), and the write alone.
     let (mut overall, mut writes) = (Vec::new(), Vec::new());
     // One warm-up run (statement preparation, caches), then the measured ones.

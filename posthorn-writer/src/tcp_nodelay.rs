@@ -1,17 +1,30 @@
-//! `TCP_NODELAY` on this process's Postgres connections, which sqlx 0.9.0 no longer sets.
+//! `TCP_NODELAY` on Postgres connections, which sqlx 0.9.0 no longer sets.
 //!
 //! sqlx set `TCP_NODELAY` from 0.7.4 and dropped it in 0.9.0 (transact-rs/sqlx#4335; the fix,
 //! #4336, is merged but not released). Without it, Nagle's algorithm holds back the last
 //! segment of a statement the client sends in more than one write until the server has
 //! acknowledged the ones before, and the server delays that acknowledgement by 40 ms. With TLS
-//! (sqlx's default `sslmode=prefer`) every 16 KiB is a record of its own, so the mark of a batch
-//! over ~1,300 rows waited 40 ms each time: batches of 2,000 drained at 33k rows/s instead of
-//! 105k. libpq and most other clients always set `TCP_NODELAY`.
+//! (sqlx's default `sslmode=prefer`) every 16 KiB is a record of its own. The relay's mark of a
+//! batch over ~1,300 rows waited 40 ms each time (batches of 2,000 drained at 33k rows/s
+//! instead of 82k), and so does a large [`enqueue_batch`](crate::enqueue_batch). libpq and most
+//! other clients always set `TCP_NODELAY`.
 //!
 //! sqlx gives no access to its socket, so [`pool_options`] adds an `after_connect` hook that
-//! sets the option on every TCP socket of this process whose peer port is the server's. Only
-//! Postgres connections go there; setting it on one made by another pool is what that pool
-//! needs too. Delete this module once sqlx sets the option again.
+//! sets the option on every TCP socket of this process whose peer port is the server's; after
+//! connecting a single connection yourself, call [`set_on_connections_to`]. Only Postgres
+//! connections go to that port, and setting it on one made by another pool is what that pool
+//! needs too. Linux only (it reads /proc/self/fd); elsewhere it does nothing. The relay uses it
+//! for its own pools. Drop it once sqlx sets the option again.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), sqlx::Error> {
+//! let options: sqlx::postgres::PgConnectOptions = "postgres://app@db/app".parse()?;
+//! let pool = posthorn_writer::tcp_nodelay::pool_options(&options)
+//!     .max_connections(10)
+//!     .connect_with(options)
+//!     .await?;
+//! # Ok(()) }
+//! ```
 
 use std::os::fd::{BorrowedFd, RawFd};
 
@@ -27,9 +40,8 @@ pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
     PgPoolOptions::new().after_connect(move |_conn, _meta| {
         Box::pin(async move {
             if let Some(port) = port {
-                if let Err(err) = set_on_connections_to(port) {
-                    tracing::debug!(%err, "could not set TCP_NODELAY on Postgres connections");
-                }
+                // No /proc (not Linux): the connection works as sqlx made it.
+                let _ = set_on_connections_to(port);
             }
             Ok(())
         })
@@ -37,7 +49,7 @@ pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
 }
 
 /// Sets `TCP_NODELAY` on every connected TCP socket of this process whose peer port is
-/// `port` and which lacks it. Returns how many it changed.
+/// `port` (the Postgres server's) and which lacks it. Returns how many it changed.
 pub fn set_on_connections_to(port: u16) -> std::io::Result<usize> {
     let mut changed = 0;
     for_each_socket_to(port, |socket| {
