@@ -26,9 +26,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::os::fd::{BorrowedFd, RawFd};
-
-use socket2::{SockRef, Type};
+use socket2::SockRef;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Pool options whose connections get `TCP_NODELAY` when they connect over TCP.
@@ -61,8 +59,22 @@ pub fn set_on_connections_to(port: u16) -> std::io::Result<usize> {
 }
 
 /// Calls `f` with each connected TCP socket of this process whose peer port is `port`. Linux
-/// only (reads /proc/self/fd).
+/// only (reads /proc/self/fd); elsewhere an `Unsupported` error.
+#[cfg(not(target_os = "linux"))]
+pub fn for_each_socket_to(_port: u16, _f: impl FnMut(SockRef<'_>)) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "finding this process's sockets reads /proc/self/fd: Linux only",
+    ))
+}
+
+/// Calls `f` with each connected TCP socket of this process whose peer port is `port`. Linux
+/// only (reads /proc/self/fd); elsewhere an `Unsupported` error.
+#[cfg(target_os = "linux")]
 pub fn for_each_socket_to(port: u16, mut f: impl FnMut(SockRef<'_>)) -> std::io::Result<()> {
+    use socket2::Type;
+    use std::os::fd::{BorrowedFd, RawFd};
+
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let Some(fd) = entry?
             .file_name()
@@ -90,7 +102,7 @@ pub fn for_each_socket_to(port: u16, mut f: impl FnMut(SockRef<'_>)) -> std::io:
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
