@@ -1,7 +1,7 @@
 //! `TCP_NODELAY` on Postgres connections, which sqlx 0.9.0 no longer sets.
 //!
-//! sqlx set `TCP_NODELAY` from 0.7.4 and dropped it in 0.9.0 (transact-rs/sqlx#4335; the fix,
-//! #4336, is merged but not released). Without it, Nagle's algorithm holds back the last
+//! sqlx set `TCP_NODELAY` from 2024 (#3055) and dropped it in 0.9.0 (transact-rs/sqlx#4335;
+//! the fix, #4336, is merged but not released). Without it, Nagle's algorithm holds back the last
 //! segment of a statement the client sends in more than one write until the server has
 //! acknowledged the ones before, and the server delays that acknowledgement by 40 ms. With TLS
 //! (sqlx's default `sslmode=prefer`) every 16 KiB is a record of its own. The relay's mark of a

@@ -1,4 +1,5 @@
-//! The relay's Postgres connections: `TCP_NODELAY` is set on them (see src/tcp_nodelay.rs).
+//! The relay's Postgres connections: `TCP_NODELAY` is set on them (see
+//! posthorn-writer/src/tcp_nodelay.rs).
 //!
 //! Each pool connects through a forwarder on a port of its own, so the sockets of this process
 //! connected to that port are exactly that pool's, whatever else the test process has open and
@@ -72,8 +73,8 @@ async fn the_relays_postgres_connections_have_tcp_nodelay() {
         "the relay's and the background pool's connection"
     );
 
-    // The reason for src/tcp_nodelay.rs: sqlx 0.9.0 leaves Nagle on. When this fails, sqlx sets
-    // TCP_NODELAY itself again and the module can go.
+    // The reason for posthorn-writer/src/tcp_nodelay.rs: sqlx 0.9.0 leaves Nagle on. When this
+    // fails, sqlx sets TCP_NODELAY itself again and the module can go.
     let (plain_url, plain_port) = forwarder(&db.url).await;
     let plain = PgPoolOptions::new()
         .max_connections(1)
