@@ -30,14 +30,9 @@ use crate::outbox::OutboxRow;
 use crate::shutdown::Shutdown;
 
 /// Header names posthorn sets on every record; a row's own `headers` may not use them.
-/// (`content-type` is set on records with a value: tombstones have none.)
-pub const RESERVED_HEADERS: [&str; 5] = [
-    "event-id",
-    "event-type",
-    "aggregate-type",
-    "outbox-id",
-    "content-type",
-];
+/// (`content-type` is set on records with a value: tombstones have none.) One list for the
+/// relay and the writer, which refuses them when an event is built.
+pub use posthorn_writer::RESERVED_HEADERS;
 
 /// How often a waiting batch checks whether the producer died of a fatal error.
 const FATAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);

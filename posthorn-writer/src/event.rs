@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use crate::WriteError;
 
-/// Header names posthorn sets on every record; an event's own headers may not use them.
+/// Header names posthorn sets on every record; an event's own headers may not use them. The
+/// relay uses this list too (`posthorn::publisher::RESERVED_HEADERS`).
 pub const RESERVED_HEADERS: [&str; 5] = [
     "event-id",
     "event-type",
