@@ -116,7 +116,7 @@ impl RecordAcknowledged<'_> {
     }
 }
 
-/// The producer's queue, sampled while a batch is in flight (metrics only).
+/// The producer's queue, sampled by its polling thread after each poll (metrics only).
 pub struct ProducerQueue {
     pub n_in_flight: i32,
 }

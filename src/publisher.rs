@@ -142,6 +142,14 @@ impl PolledProducer {
             .spawn(move || {
                 while !thread_stop.load(Ordering::Relaxed) {
                     thread_producer.poll(POLL_WAIT);
+                    // The in-flight gauge, sampled here: after each poll the reports it served
+                    // are out of librdkafka's count, and an idle producer is sampled once per
+                    // POLL_WAIT, so the gauge never keeps a settled batch's count. One call (a
+                    // queue lock) per poll, not per record.
+                    events::ProducerQueue {
+                        n_in_flight: thread_producer.in_flight_count(),
+                    }
+                    .emit();
                 }
                 // The last reference may be this one: librdkafka's destructor (purge, then
                 // up to 500 ms serving the purged records' reports) runs here, off the runtime.
@@ -279,7 +287,6 @@ impl Publisher {
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         // librdkafka's queue is full: wait for a delivery report to free room.
                         record = back;
-                        self.report_queue();
                         match pending.next().await {
                             Some(sent) => report.add(settle(tracker, rows, sent, alone)),
                             None => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -301,14 +308,7 @@ impl Publisher {
         }
         let mut last_progress = Instant::now();
         let mut n_pending = pending.len();
-        // The queue gauge is sampled at most every FATAL_CHECK_INTERVAL, not per report: it is
-        // a call into librdkafka that takes its lock.
-        let mut last_sample: Option<Instant> = None;
         while !pending.is_empty() {
-            if last_sample.is_none_or(|t| t.elapsed() >= FATAL_CHECK_INTERVAL) {
-                self.report_queue();
-                last_sample = Some(Instant::now());
-            }
             if pending.len() < n_pending {
                 n_pending = pending.len();
                 last_progress = Instant::now();
@@ -340,7 +340,6 @@ impl Publisher {
         if !still_leader() {
             self.purge();
         }
-        self.report_queue();
         report
     }
 
@@ -348,14 +347,6 @@ impl Publisher {
     fn purge(&self) {
         self.producer
             .purge(PurgeConfig::default().queue().inflight().non_blocking());
-    }
-
-    /// Samples the producer's queue for the in-flight gauge.
-    fn report_queue(&self) {
-        events::ProducerQueue {
-            n_in_flight: self.in_flight(),
-        }
-        .emit();
     }
 
     /// After a fatal error librdkafka produces nothing more, and records never time out here:
@@ -520,11 +511,6 @@ impl Publisher {
             .client()
             .fatal_error()
             .map(|(code, reason)| format!("{code:?}: {reason}"))
-    }
-
-    /// Records handed to librdkafka and not yet acknowledged.
-    pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
     }
 
     /// Stops the producer: what it still holds is purged (never sent), and librdkafka's
