@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::support::{
     config, create_topic, env_vars, http_get, read_topic, relay_log_path, run_posthorn, unique,
-    wait_until, PrivateBroker, RelayProcess, Scrape, TestDb,
+    wait_until, KafkaCluster, Wipe, RelayProcess, Scrape, TestDb,
 };
 
 /// Scrapes `/metrics` until `condition` holds; panics with the last scrape after a minute.
@@ -152,7 +152,7 @@ async fn metrics_count_published_rows_and_the_backlog_gauges_fall_to_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_while_the_broker_is_away_and_200_when_it_returns() {
-    let mut broker = PrivateBroker::start().await;
+    let mut broker = KafkaCluster::start(1).await;
     let db = TestDb::create("readyz").await;
     let vars = env_vars(&db.url, &[("POSTHORN_KAFKA_BROKERS", &broker.brokers())]);
     let mut relay = RelayProcess::spawn(&vars, &relay_log_path("readyz"));
@@ -166,7 +166,7 @@ async fn readyz_is_503_while_the_broker_is_away_and_200_when_it_returns() {
     assert_eq!(answer.1["kafka"], "ok");
     assert_eq!(answer.1["schema"], "ok");
 
-    broker.stop();
+    broker.kill(0);
     let answer = json_until(addr, "/readyz", "not ready without the broker", ready(503)).await;
     assert_eq!(answer.1["postgres"], "ok", "{}", answer.1);
     assert_eq!(answer.1["schema"], "ok", "{}", answer.1);
@@ -177,7 +177,8 @@ async fn readyz_is_503_while_the_broker_is_away_and_200_when_it_returns() {
     assert_eq!(status, 200);
 
     // The same port, an empty broker: readiness asks "does a broker answer", nothing more.
-    broker.restart().await;
+    broker.wipe(0, Wipe::Everything);
+    broker.restart(0).await;
     json_until(addr, "/readyz", "ready again", ready(200)).await;
     relay.signal("TERM");
     assert!(relay.wait(Duration::from_secs(30)).await.success());

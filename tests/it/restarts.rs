@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::support::{
     assert_complete_and_ordered, create_aggregates, create_topic_at, delivered, env_vars,
-    read_topic_at, relay_log_path, services, spawn_writers, unique, wait_until, PrivateBroker,
-    RelayProcess, TestDb,
+    read_topic_at, relay_log_path, spawn_writers, unique, wait_until, KafkaCluster,
+    RelayProcess, TestDb, Wipe,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -15,14 +15,7 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
     const N_KEYS: usize = 20;
     const N_PER_KEY: usize = 150;
     let db = TestDb::create("broker_restart").await;
-    // The broker keeps its log in a Postgres database of its own, so records survive SIGKILL.
-    let storage = TestDb::create_on(&services().admin_url, "broker_storage", &[]).await;
-    sqlx::query("DROP TABLE outbox CASCADE")
-        .execute(&storage.pool)
-        .await
-        .expect("empty the broker's database");
-    let mut broker =
-        PrivateBroker::start_with_storage(&format!("{}?sslmode=disable", storage.url)).await;
+    let mut broker = KafkaCluster::start(1).await;
     let topic = unique("it-broker-restart");
     create_topic_at(&broker.brokers(), &topic, 3).await;
     let keys: Vec<String> = (0..N_KEYS).map(|k| format!("k{k}")).collect();
@@ -44,13 +37,13 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
         || async { delivered(&db).await >= (N_KEYS * N_PER_KEY / 4) as i64 },
     )
     .await;
-    broker.stop();
+    broker.kill(0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         relay.child.try_wait().expect("poll").is_none(),
         "the relay survives the outage"
     );
-    broker.restart().await;
+    broker.restart(0).await;
 
     writers.await.expect("writers");
     db.wait_all_delivered(Duration::from_secs(120), "every row is delivered")
@@ -158,7 +151,7 @@ async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_producer() {
     let db = TestDb::create("broker_empty").await;
-    let mut broker = PrivateBroker::start().await;
+    let mut broker = KafkaCluster::start(1).await;
     let topic = unique("it-broker-empty");
     create_topic_at(&broker.brokers(), &topic, 1).await;
     let vars = env_vars(
@@ -189,7 +182,9 @@ async fn a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_produce
     db.wait_all_delivered(Duration::from_secs(30), "the first rows are delivered")
         .await;
     // The broker comes back with nothing: no topic, no record of the producer's id.
-    broker.restart().await;
+    broker.kill(0);
+    broker.wipe(0, Wipe::Everything);
+    broker.restart(0).await;
     create_topic_at(&broker.brokers(), &topic, 1).await;
     insert(201, 400).await;
     db.wait_all_delivered(

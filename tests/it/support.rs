@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -25,6 +25,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::AssertSqlSafe;
 use tokio::task::JoinHandle;
+
+mod cluster;
+pub use cluster::{KafkaCluster, Wipe};
 
 pub struct Services {
     /// URL of a database the tests may create databases from.
@@ -433,88 +436,6 @@ impl Scrape {
                     .map(|b| b.count),
                 _ => None,
             })
-    }
-}
-
-/// A broker process of the test's own (the nisshi binary named by `POSTHORN_NISSHI`, which
-/// `scripts/services.sh env` prints), on a free loopback port: a test may stop and restart it
-/// without disturbing the shared broker other tests use. Killed when dropped.
-pub struct PrivateBroker {
-    pub port: u16,
-    /// nisshi's `--storage-engine`.
-    storage: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl PrivateBroker {
-    /// In-memory storage: a restart starts empty.
-    pub async fn start() -> PrivateBroker {
-        PrivateBroker::start_with_storage("memory://nisshi/").await
-    }
-
-    /// `storage` is a `postgres://` URL of an empty database, so records survive a restart.
-    pub async fn start_with_storage(storage: &str) -> PrivateBroker {
-        let mut broker = PrivateBroker {
-            port: free_port(),
-            storage: storage.to_owned(),
-            child: None,
-            log: relay_log_path("private-broker"),
-        };
-        broker.restart().await;
-        broker
-    }
-
-    /// `host:port`, for `POSTHORN_KAFKA_BROKERS`.
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the broker (SIGKILL) and waits for it to exit.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the broker (again) on the same port and storage, and waits until it accepts
-    /// connections.
-    pub async fn restart(&mut self) {
-        self.stop();
-        let nisshi = std::env::var("POSTHORN_NISSHI").expect(
-            "POSTHORN_NISSHI names the broker binary: eval \"$(bash scripts/services.sh env)\"",
-        );
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("broker log");
-        let child = Command::new(&nisshi)
-            .args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
-            .args(["--storage-engine", &self.storage])
-            .args(["--group-initial-rebalance-delay", "0s"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("broker log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting the broker {nisshi}: {e}"));
-        self.child = Some(child);
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        wait_until(
-            Duration::from_secs(30),
-            "the private broker accepts connections",
-            || std::future::ready(TcpStream::connect(addr).is_ok()),
-        )
-        .await;
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
