@@ -15,7 +15,7 @@
 #
 #   scripts/kafka-node.sh random-uuid
 #
-# Environment: POSTHORN_KAFKA_HOME (required; its libs/ holds the jars that
+# Environment: POSTHORN_TEST_KAFKA_HOME (required; its libs/ holds the jars that
 # scripts/services.sh fetched from Maven Central), POSTHORN_KAFKA_HEAP (default 512m),
 # JAVA (default java).
 #
@@ -30,9 +30,9 @@ set -euo pipefail
 
 die() { echo "kafka-node: error: $*" >&2; exit 2; }
 
-: "${POSTHORN_KAFKA_HOME:?POSTHORN_KAFKA_HOME must name the Kafka directory (scripts/services.sh env prints it)}"
+: "${POSTHORN_TEST_KAFKA_HOME:?POSTHORN_TEST_KAFKA_HOME must name the Kafka directory (scripts/services.sh env prints it)}"
 JAVA=${JAVA:-java}
-CLASSPATH="$POSTHORN_KAFKA_HOME/libs/*"
+CLASSPATH="$POSTHORN_TEST_KAFKA_HOME/libs/*"
 
 if [ "${1:-}" = random-uuid ]; then
   exec "$JAVA" -cp "$CLASSPATH" kafka.tools.StorageTool random-uuid

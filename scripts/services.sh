@@ -150,9 +150,9 @@ ensure_broker_running() {
   local node=$STATE_DIR/kafka
   mkdir -p "$node"
   [ -s "$node/cluster-id" ] ||
-    POSTHORN_KAFKA_HOME=$KAFKA_HOME bash scripts/kafka-node.sh random-uuid >"$node/cluster-id"
+    POSTHORN_TEST_KAFKA_HOME=$KAFKA_HOME bash scripts/kafka-node.sh random-uuid >"$node/cluster-id"
   log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$BROKER_PORT (log: $node/server.log)"
-  POSTHORN_KAFKA_HOME=$KAFKA_HOME nohup bash scripts/kafka-node.sh "$node" 1 "$BROKER_PORT" \
+  POSTHORN_TEST_KAFKA_HOME=$KAFKA_HOME nohup bash scripts/kafka-node.sh "$node" 1 "$BROKER_PORT" \
     "$CONTROLLER_PORT" "1@127.0.0.1:$CONTROLLER_PORT" "$(cat "$node/cluster-id")" \
     >"$node/stdout.log" 2>&1 </dev/null &
   echo $! >"$STATE_DIR/broker.pid"
@@ -166,7 +166,7 @@ print_env() {
   cat <<EOF
 export POSTHORN_TEST_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$PG_PORT/postgres
 export POSTHORN_TEST_KAFKA_BROKERS=127.0.0.1:$BROKER_PORT
-export POSTHORN_KAFKA_HOME=$KAFKA_HOME
+export POSTHORN_TEST_KAFKA_HOME=$KAFKA_HOME
 export POSTHORN_TEST_RESTARTABLE_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$RESTART_PG_PORT/postgres
 export POSTHORN_TEST_RESTART_POSTGRES="pg_ctlcluster --skip-systemctl-redirect $(pg_version) $RESTART_CLUSTER"
 EOF

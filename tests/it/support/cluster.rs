@@ -2,7 +2,7 @@
 //! with `scripts/kafka-node.sh` (the script `scripts/services.sh` starts the shared broker
 //! with), so a test may kill, restart and wipe brokers without disturbing other tests.
 //!
-//! Needs `POSTHORN_KAFKA_HOME` (the jars `scripts/services.sh` fetched; `services.sh env`
+//! Needs `POSTHORN_TEST_KAFKA_HOME` (the jars `scripts/services.sh` fetched; `services.sh env`
 //! prints it) and Java 17+. The nodes' directories are removed when the cluster is dropped,
 //! unless the test failed: then they stay for inspection (the path is printed).
 
