@@ -210,7 +210,7 @@ async fn run_check(config: &Config) -> anyhow::Result<()> {
     }
     outbox.pool().close().await;
 
-    let publisher = match Publisher::idempotent(&config.kafka, &config.topic_template) {
+    let publisher = match Publisher::idempotent_for_check(&config.kafka, &config.topic_template) {
         Ok(p) => p,
         Err(PublisherError::Config(c)) => return Err(c.into()),
         Err(other) => return Err(other.into()),

@@ -727,6 +727,11 @@ impl PoisonPolicy {
     }
 }
 
+/// `POSTHORN_LOG`'s default. sqlx logs each connection a Postgres outage breaks (the server's
+/// notice, a failed ping, a slow acquire): posthorn's own events already say that Postgres is
+/// failing, once, so sqlx speaks only of errors.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=error,sqlx_core=error";
+
 /// Log output settings.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -754,7 +759,7 @@ impl LogConfig {
                 ))
             }
         };
-        let filter = filter.unwrap_or_else(|| "info".to_owned());
+        let filter = filter.unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned());
         if tracing_subscriber::EnvFilter::try_new(&filter).is_err() {
             return Err(ConfigError::invalid(
                 "POSTHORN_LOG",

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::METRICS;
+use crate::outage::{Transition, Watch};
 
 pub struct RelayStarted<'a> {
     pub database: &'a str,
@@ -76,6 +77,17 @@ impl BatchPublished {
             elapsed_ms = self.elapsed.as_millis() as u64,
             "Batch published."
         );
+        if self.n_marked > 0 {
+            // Kafka acknowledged and Postgres marked: both work.
+            DependencyAnswered {
+                watch: &crate::outage::KAFKA,
+            }
+            .emit();
+            DependencyAnswered {
+                watch: &crate::outage::POSTGRES,
+            }
+            .emit();
+        }
         METRICS.batch_rows.observe(self.n_rows as f64);
         METRICS.batch_duration.observe(self.elapsed.as_secs_f64());
         METRICS.rows_delivered.inc_by(self.n_marked);
@@ -135,9 +147,110 @@ pub struct ProducerClientError<'a> {
 }
 impl ProducerClientError<'_> {
     pub fn emit(self) {
-        error!(error = %self.error, reason = self.reason, "librdkafka reported an error.");
         if self.connection_lost {
             METRICS.reconnects.with_label_values(&["kafka"]).inc();
+        }
+        DependencyFailed {
+            watch: &crate::outage::KAFKA,
+            during: "the producer's connections",
+            error: &format_args!("{}: {}", self.error, self.reason),
+        }
+        .emit();
+    }
+}
+
+/// A line librdkafka logged for one of posthorn's clients. The producer's connection failures
+/// (`FAIL`) also arrive as errors ([`ProducerClientError`]), which are logged as state changes,
+/// so they are at debug here; the probe's and `posthorn check`'s clients log at debug only.
+pub struct LibrdkafkaLog<'a> {
+    pub level: rdkafka::config::RDKafkaLogLevel,
+    pub facility: &'a str,
+    pub message: &'a str,
+    pub volume: LogVolume,
+}
+
+/// How much of a Kafka client's own logging reaches the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogVolume {
+    /// librdkafka's levels, but connection failures at debug (the producer).
+    AsLibrdkafkaSays,
+    /// Everything at debug (a client whose outcome is reported otherwise).
+    Debug,
+}
+
+impl LibrdkafkaLog<'_> {
+    pub fn emit(self) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        let (facility, message) = (self.facility, self.message);
+        // posthorn sets `enable.gapless.guarantee` on purpose (publisher::DEFAULTS says why);
+        // librdkafka's warning that it is experimental would greet every producer.
+        let expected_warning =
+            facility == "CONFWARN" && message.contains("enable.gapless.guarantee");
+        if self.volume == LogVolume::Debug || facility == "FAIL" || expected_warning {
+            debug!(target: "librdkafka", facility, "librdkafka: {message}");
+            return;
+        }
+        match self.level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                error!(target: "librdkafka", facility, "librdkafka: {message}")
+            }
+            L::Warning => warn!(target: "librdkafka", facility, "librdkafka: {message}"),
+            L::Notice | L::Info => info!(target: "librdkafka", facility, "librdkafka: {message}"),
+            L::Debug => debug!(target: "librdkafka", facility, "librdkafka: {message}"),
+        }
+    }
+}
+
+/// A dependency failed: counted every time; logged when it is news ([`crate::outage`]): the
+/// first error, then a reminder at most once a minute while errors go on.
+pub struct DependencyFailed<'a> {
+    pub watch: &'static Watch,
+    /// What was being done, e.g. "marking delivered rows".
+    pub during: &'a str,
+    pub error: &'a dyn std::fmt::Display,
+}
+impl DependencyFailed<'_> {
+    pub fn emit(self) {
+        let service = self.watch.dependency.label();
+        METRICS
+            .dependency_errors
+            .with_label_values(&[service])
+            .inc();
+        let (during, name) = (self.during, self.watch.dependency.name());
+        match self.watch.error(std::time::Instant::now()) {
+            Some(Transition::WentDown) => error!(service, during, error = %self.error,
+                "{name} is failing; posthorn retries and loses nothing. Further errors are counted \
+                 (posthorn_dependency_errors_total), not logged, until it works again; a reminder \
+                 comes every minute."),
+            Some(Transition::StillDown {
+                down_for,
+                n_unlogged,
+            }) => error!(service, during,
+                error = %self.error, down_for_s = down_for.as_secs(), n_unlogged,
+                "{name} is still failing."),
+            _ => debug!(service, during, error = %self.error, "{name} failed again."),
+        }
+    }
+}
+
+/// A dependency answered a request. Ends an outage (one line) once errors have stopped for
+/// [`crate::outage::RECOVERY_QUIET`].
+pub struct DependencyAnswered {
+    pub watch: &'static Watch,
+}
+impl DependencyAnswered {
+    pub fn emit(self) {
+        let service = self.watch.dependency.label();
+        let name = self.watch.dependency.name();
+        if let Some(Transition::CameBack { down_for, n_errors }) =
+            self.watch.recovered(std::time::Instant::now())
+        {
+            info!(
+                service,
+                down_for_s = down_for.as_secs(),
+                n_errors,
+                "{name} works again."
+            );
         }
     }
 }
@@ -239,9 +352,17 @@ pub struct ProducerCreateFailed<'a> {
 }
 impl ProducerCreateFailed<'_> {
     pub fn emit(self) {
-        error!(error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64,
-            "Creating the Kafka producer failed; retrying.");
         METRICS.reconnects.with_label_values(&["kafka"]).inc();
+        debug!(
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            "Retrying the producer's creation."
+        );
+        DependencyFailed {
+            watch: &crate::outage::KAFKA,
+            during: "creating the producer",
+            error: self.error,
+        }
+        .emit();
     }
 }
 
@@ -253,13 +374,19 @@ pub struct DatabaseFailed<'a> {
 impl DatabaseFailed<'_> {
     pub fn emit(self) {
         let retry_in_ms = self.retry_in.as_millis() as u64;
+        METRICS.reconnects.with_label_values(&["postgres"]).inc();
         if self.missing_table {
             error!(error = %self.error, retry_in_ms,
                 "The outbox table does not exist; run `posthorn migrate`. Retrying.");
-        } else {
-            warn!(error = %self.error, retry_in_ms, "Postgres is unavailable; retrying.");
+            return;
         }
-        METRICS.reconnects.with_label_values(&["postgres"]).inc();
+        debug!(retry_in_ms, "Retrying the relay's query.");
+        DependencyFailed {
+            watch: &crate::outage::POSTGRES,
+            during: "the relay's query",
+            error: self.error,
+        }
+        .emit();
     }
 }
 
@@ -270,9 +397,18 @@ pub struct MarkFailed<'a> {
 }
 impl MarkFailed<'_> {
     pub fn emit(self) {
-        warn!(error = %self.error, n_rows = self.n_rows, retry_in_ms = self.retry_in.as_millis() as u64,
-            "Marking acknowledged rows failed; retrying (unmarked rows are published again).");
         METRICS.reconnects.with_label_values(&["postgres"]).inc();
+        debug!(
+            n_rows = self.n_rows,
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            "Retrying the mark (unmarked rows are published again)."
+        );
+        DependencyFailed {
+            watch: &crate::outage::POSTGRES,
+            during: "marking acknowledged rows delivered",
+            error: self.error,
+        }
+        .emit();
     }
 }
 
@@ -282,9 +418,17 @@ pub struct ListenFailed<'a> {
 }
 impl ListenFailed<'_> {
     pub fn emit(self) {
-        warn!(error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64,
-            "LISTEN connection failed; polling continues meanwhile.");
         METRICS.reconnects.with_label_values(&["postgres"]).inc();
+        debug!(
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            "Reconnecting the LISTEN connection; polling continues meanwhile."
+        );
+        DependencyFailed {
+            watch: &crate::outage::POSTGRES,
+            during: "the LISTEN connection",
+            error: self.error,
+        }
+        .emit();
     }
 }
 
@@ -539,7 +683,12 @@ pub struct LeaseFailed<'a> {
 }
 impl LeaseFailed<'_> {
     pub fn emit(self) {
-        warn!(error = %self.error, "A lease statement failed; retrying.");
+        DependencyFailed {
+            watch: &crate::outage::POSTGRES,
+            during: "a lease statement",
+            error: self.error,
+        }
+        .emit();
     }
 }
 

@@ -235,6 +235,7 @@ pub async fn probe_readiness(
             Ok(_n_brokers) => OK.to_owned(),
             Err(err) => format!("unreachable: {err}"),
         };
+        report_to_watches(&postgres, &kafka_state);
         let checks = Checks {
             postgres,
             kafka: kafka_state,
@@ -246,6 +247,26 @@ pub async fn probe_readiness(
                 postgres: &checks.postgres,
                 kafka: &checks.kafka,
                 schema: &checks.schema,
+            }
+            .emit();
+        }
+    }
+}
+
+/// The probe's findings feed the outage log: an unreachable service is a failure, an answer
+/// ends an outage once errors have stopped (see `outage`).
+fn report_to_watches(postgres: &str, kafka: &str) {
+    for (watch, state) in [
+        (&crate::outage::POSTGRES, postgres),
+        (&crate::outage::KAFKA, kafka),
+    ] {
+        if state == OK {
+            events::DependencyAnswered { watch }.emit();
+        } else {
+            events::DependencyFailed {
+                watch,
+                during: "the readiness probe",
+                error: &state,
             }
             .emit();
         }

@@ -13,7 +13,8 @@
 //! - [`migrate`]: the outbox schema, applied by `posthorn migrate`.
 //! - [`sidecar`]: `posthorn run` as deployed: the relay plus [`http`] (`/metrics`, `/healthz`,
 //!   `/readyz`), [`health`], [`backlog`] and [`retention`], stopped together.
-//! - [`cli`], [`events`], [`metrics`], [`retry`], [`shutdown`]: the edges; [`tcp_nodelay`]: a
+//! - [`cli`], [`events`] (with [`outage`]: dependency failures logged as state changes),
+//!   [`metrics`], [`retry`], [`shutdown`]: the edges; [`tcp_nodelay`]: a
 //!   workaround for sqlx 0.9.0.
 //!
 //! See ARCHITECTURE.md for the invariants.
@@ -28,6 +29,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod migrate;
+pub mod outage;
 pub mod outbox;
 pub mod publisher;
 pub mod relay;

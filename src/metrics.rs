@@ -41,6 +41,8 @@ pub struct Metrics {
     pub producer_in_flight: IntGauge,
     /// Connection attempts after a failure, by service: `postgres`, `kafka`.
     pub reconnects: IntCounterVec,
+    /// Every error a dependency reported, by service (logged only as state changes).
+    pub dependency_errors: IntCounterVec,
     pub leader: IntGauge,
     pub retention_deleted: IntCounter,
     build_info: IntGaugeVec,
@@ -150,6 +152,15 @@ impl Metrics {
                 &["service"],
             )
             .expect("valid metric"),
+            dependency_errors: IntCounterVec::new(
+                Opts::new(
+                    "posthorn_dependency_errors_total",
+                    "Errors reported by or about a service (postgres, kafka), each one; the log \
+                     shows only when a service fails, fails on, and works again.",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
             leader: IntGauge::new(
                 "posthorn_leader",
                 "1 while this instance is the active publisher for its table, else 0.",
@@ -171,11 +182,12 @@ impl Metrics {
         }
         for service in SERVICES {
             m.reconnects.with_label_values(&[service]);
+            m.dependency_errors.with_label_values(&[service]);
         }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(m.rows_published.clone()),
             Box::new(m.rows_delivered.clone()),
             Box::new(m.publish_failures.clone()),
@@ -189,6 +201,7 @@ impl Metrics {
             Box::new(m.failed_rows.clone()),
             Box::new(m.producer_in_flight.clone()),
             Box::new(m.reconnects.clone()),
+            Box::new(m.dependency_errors.clone()),
             Box::new(m.leader.clone()),
             Box::new(m.retention_deleted.clone()),
             Box::new(m.build_info.clone()),

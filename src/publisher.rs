@@ -82,6 +82,8 @@ pub enum KafkaClient {
     /// The readiness probe's client: its errors are expected while a broker is down, and
     /// `/readyz` reports them.
     Probe,
+    /// `posthorn check`'s producer: the command prints its verdict, nothing else.
+    Check,
 }
 
 impl ClientContext for KafkaClient {
@@ -94,12 +96,26 @@ impl ClientContext for KafkaClient {
                     == Some(RDKafkaErrorCode::BrokerTransportFailure),
             }
             .emit(),
-            KafkaClient::Probe => events::ProbeClientError {
+            KafkaClient::Probe | KafkaClient::Check => events::ProbeClientError {
                 error: &error,
                 reason,
             }
             .emit(),
         }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        let volume = match self {
+            KafkaClient::Producer => events::LogVolume::AsLibrdkafkaSays,
+            KafkaClient::Probe | KafkaClient::Check => events::LogVolume::Debug,
+        };
+        events::LibrdkafkaLog {
+            level,
+            facility,
+            message,
+            volume,
+        }
+        .emit();
     }
 }
 
@@ -132,9 +148,9 @@ struct PolledProducer {
 }
 
 impl PolledProducer {
-    fn new(config: &ClientConfig) -> Result<PolledProducer, KafkaError> {
+    fn new(config: &ClientConfig, client: KafkaClient) -> Result<PolledProducer, KafkaError> {
         let producer: Arc<BaseProducer<KafkaClient>> =
-            Arc::new(config.create_with_context(KafkaClient::Producer)?);
+            Arc::new(config.create_with_context(client)?);
         let stop = Arc::new(AtomicBool::new(false));
         let (thread_producer, thread_stop) = (producer.clone(), stop.clone());
         std::thread::Builder::new()
@@ -197,8 +213,25 @@ impl Publisher {
         kafka: &KafkaConfig,
         topic_template: &TopicTemplate,
     ) -> Result<Publisher, PublisherError> {
+        Publisher::with_client(kafka, topic_template, KafkaClient::Producer)
+    }
+
+    /// The relay's producer as `posthorn check` uses it (same settings, so the check refuses
+    /// what the relay would), whose client errors are not logged: the check prints a verdict.
+    pub fn idempotent_for_check(
+        kafka: &KafkaConfig,
+        topic_template: &TopicTemplate,
+    ) -> Result<Publisher, PublisherError> {
+        Publisher::with_client(kafka, topic_template, KafkaClient::Check)
+    }
+
+    fn with_client(
+        kafka: &KafkaConfig,
+        topic_template: &TopicTemplate,
+        client: KafkaClient,
+    ) -> Result<Publisher, PublisherError> {
         let config = client_config(kafka);
-        let producer = PolledProducer::new(&config).map_err(creation_error)?;
+        let producer = PolledProducer::new(&config, client).map_err(creation_error)?;
         Ok(Publisher {
             producer,
             topic_template: topic_template.clone(),

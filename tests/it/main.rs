@@ -1,4 +1,4 @@
-//! Integration tests against a real PostgreSQL and a real Kafka-protocol broker (see support).
+//! Integration tests against a real PostgreSQL and real Apache Kafka (see support).
 
 mod connections;
 mod cross_client;
@@ -7,6 +7,7 @@ mod faults;
 mod leader;
 mod manifests;
 mod ops;
+mod outage;
 mod poison;
 mod process;
 mod restarts;
