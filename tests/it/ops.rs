@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::support::{
     config, create_topic, env_vars, http_get, read_topic, relay_log_path, run_posthorn, unique,
-    wait_until, KafkaCluster, Wipe, RelayProcess, Scrape, TestDb,
+    wait_until, KafkaCluster, RelayProcess, Scrape, TestDb, Wipe,
 };
 
 /// Scrapes `/metrics` until `condition` holds; panics with the last scrape after a minute.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::support::{
     assert_complete_and_ordered, create_aggregates, create_topic_at, delivered, env_vars,
-    read_topic_at, relay_log_path, spawn_writers, unique, wait_until, KafkaCluster,
-    RelayProcess, TestDb, Wipe,
+    read_topic_at, relay_log_path, spawn_writers, unique, wait_until, KafkaCluster, RelayProcess,
+    TestDb, Wipe,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
