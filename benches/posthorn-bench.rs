@@ -400,7 +400,9 @@ struct Drain {
 async fn drain(args: &Args) -> anyhow::Result<Drain> {
     let setup = Setup::new(args, "drain").await?;
     setup.load(args.rows, args.keys).await?;
-    let (pg_before, broker_before) = (cpu_of_processes("postgres"), cpu_of_processes("nisshi"));
+    // The broker is Apache Kafka, a `java` process (every JVM on the machine counts: run the
+    // bench with no other Kafka up).
+    let (pg_before, broker_before) = (cpu_of_processes("postgres"), cpu_of_processes("java"));
     let started = Instant::now();
     let child = posthorn_cmd(&setup.url, args, &setup.topic)
         .arg("run")
@@ -412,7 +414,7 @@ async fn drain(args: &Args) -> anyhow::Result<Drain> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let (pg_after, broker_after) = (cpu_of_processes("postgres"), cpu_of_processes("nisshi"));
+    let (pg_after, broker_after) = (cpu_of_processes("postgres"), cpu_of_processes("java"));
     let (cpu, rss) = cpu_and_rss(pid);
     let (cpu, rss) = (
         if cpu.is_nan() { last.0 } else { cpu },
