@@ -387,10 +387,10 @@ async fn the_relay_publishes_exactly_the_vectors_records() {
     for ((case, event_id), mut record) in cases.iter_mut().zip(&event_ids).zip(records) {
         let event_id = event_id.to_string();
         let outbox_id = outbox_ids[&event_id].to_string();
-        for (_, value) in &mut record.headers {
-            if *value == event_id {
+        for (name, value) in &mut record.headers {
+            if name == "event-id" && *value == event_id {
                 *value = "{event_id}".to_owned();
-            } else if *value == outbox_id {
+            } else if name == "outbox-id" && *value == outbox_id {
                 *value = "{outbox_id}".to_owned();
             }
         }
@@ -473,6 +473,7 @@ impl TestDatabase {
         let url = format!("{base}/{name}");
         let status = Command::new(posthorn_bin())
             .arg("migrate")
+            .env_clear()
             .envs(relay_env(&url, "127.0.0.1:9092", "unused"))
             .stdout(Stdio::null())
             .status()
@@ -493,6 +494,7 @@ impl Relay {
     fn start(url: &str, brokers: &str, topic: &str) -> Relay {
         let child = Command::new(posthorn_bin())
             .arg("run")
+            .env_clear()
             .envs(relay_env(url, brokers, topic))
             .stdout(Stdio::null())
             .spawn()
