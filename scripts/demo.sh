@@ -10,7 +10,7 @@ ORDERS=${ORDERS:-20}
 EVENTS_PER_ORDER=${EVENTS_PER_ORDER:-5}
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "Services: PostgreSQL and a Kafka-protocol broker on loopback"
+say "Services: PostgreSQL and Apache Kafka on loopback"
 eval "$(bash scripts/services.sh up)"
 
 say "Building posthorn and the demo programs"
