@@ -287,4 +287,3 @@ func hasNULEscape(text string) bool {
 	}
 	return false
 }
-

@@ -223,3 +223,43 @@ func header(r *kgo.Record, name string) (string, bool) {
 	}
 	return "", false
 }
+
+// migrateTable creates schema.table with posthorn migrate, as the relay for it would.
+func (s *services) migrateTable(t testing.TB, schema, table string) {
+	t.Helper()
+	migrate := exec.Command(posthornBin(), "migrate")
+	migrate.Env = append(environWithout("POSTHORN_"),
+		"POSTHORN_DATABASE_URL="+s.url, "POSTHORN_KAFKA_BROKERS="+s.brokers,
+		"POSTHORN_SCHEMA="+schema, "POSTHORN_TABLE="+table, "POSTHORN_LOG=warn")
+	if out, err := migrate.CombinedOutput(); err != nil {
+		t.Fatalf("posthorn migrate: %v\n%s", err, out)
+	}
+}
+
+// recordWithEventID reads topic from its start until the record with header event-id: id.
+func (s *services) recordWithEventID(t testing.TB, topic, id string) *kgo.Record {
+	t.Helper()
+	client, err := kgo.NewClient(
+		kgo.SeedBrokers(strings.Split(s.brokers, ",")...),
+		kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		kgo.MetadataMinAge(100*time.Millisecond),
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for {
+		fetches := client.PollFetches(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("no record with event-id %s on %s within 60 s", id, topic)
+		}
+		for _, r := range fetches.Records() {
+			if got, _ := header(r, "event-id"); got == id {
+				return r
+			}
+		}
+	}
+}
