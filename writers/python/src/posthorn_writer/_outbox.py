@@ -22,12 +22,13 @@ _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # Rust writer's statement). Event ids are drawn in the materialized CTE and returned from it
 # ordered by position, so they are in input order by construction (RETURNING's order is not
 # specified); the INSERT reads the CTE by position too, so the rows' identity ids, the relay's
-# publishing order within an aggregate, follow the input order.
+# publishing order within an aggregate, follow the input order. The arrays go as binary
+# parameters (%b), which Postgres reads without parsing array literals.
 _INSERT = """\
 WITH event AS MATERIALIZED (
     SELECT gen_random_uuid() AS event_id, e.*
-    FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[],
-                %s::text[], %s::text[], %s::text[])
+    FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::bytea[],
+                %b::text[], %b::text[], %b::text[])
          WITH ORDINALITY AS e(aggregate_type, aggregate_id, event_type, payload,
                               payload_bytes, content_type, topic, headers, position)
 ), inserted AS (
