@@ -109,11 +109,12 @@ def test_enqueue_batch_on_a_cursor_writes_the_vectors_rows_in_input_order(
     conn.rollback()
 
 
-async def test_enqueue_batch_async_writes_the_vectors_rows_in_input_order(
+async def test_enqueue_batch_async_on_a_cursor_writes_the_vectors_rows_in_input_order(
     services: Services,
 ) -> None:
     async with await psycopg.AsyncConnection.connect(services.url) as aconn:
-        ids = await enqueue_batch_async(aconn, [build(c["event"]) for c in VALID])
+        async with aconn.cursor() as acur:
+            ids = await enqueue_batch_async(acur, [build(c["event"]) for c in VALID])
         assert len(ids) == len(VALID)
         cur = await aconn.execute(ROW_QUERY)
         got = [dict(zip(ROW_FIELDS, row, strict=True)) for row in await cur.fetchall()]
