@@ -275,3 +275,12 @@ def test_the_docs_quote_every_python_example_verbatim(example: str) -> None:
     docs = (REPO / "docs" / "writing-events.md").read_text()
     text = (REPO / "writers" / "python" / "examples" / example).read_text()
     assert text.rstrip("\n") in docs, f"docs/writing-events.md does not quote {example} as it is"
+
+
+def test_an_events_headers_cannot_change_after_it_is_checked() -> None:
+    headers = {"x-retry": "1"}
+    event = Event("order", "order-42", "E", Tombstone(), headers=headers)
+    headers["event-id"] = "sneaked in"
+    assert dict(event.headers) == {"x-retry": "1"}
+    with pytest.raises(TypeError):
+        event.headers["event-id"] = "sneaked in"  # type: ignore[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 RESERVED_HEADERS = ("event-id", "event-type", "aggregate-type", "outbox-id", "content-type")
@@ -111,7 +112,7 @@ class Event:
                 )
             _check_storable("headers", name)
             _check_storable("headers", headers[name])
-        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "headers", MappingProxyType(headers))  # frozen, as the rest
         if isinstance(self.payload, Json):
             if _has_nul_escape(self.payload.text):
                 raise InvalidEvent(
@@ -178,7 +179,7 @@ def _is_media_type(content_type: str) -> bool:
 
 def _is_restricted_name(name: str) -> bool:
     """RFC 6838 ``restricted-name``."""
-    return name[:1] in _NAME_FIRST and name != "" and set(name[1:]) <= _NAME_REST
+    return bool(name) and name[0] in _NAME_FIRST and set(name[1:]) <= _NAME_REST
 
 
 def _has_nul_escape(text: str) -> bool:

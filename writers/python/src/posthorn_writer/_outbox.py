@@ -132,7 +132,7 @@ def _columns(events: Sequence[Event]) -> list[list[Any]]:
         content_types.append(payload.content_type if isinstance(payload, Bytes) else None)
         topics.append(event.topic)
         own = event.headers
-        merged = own if not trace or "traceparent" in own else {**trace, **own}
+        merged = dict(own) if not trace or "traceparent" in own else {**trace, **own}
         headers.append(json.dumps(merged, ensure_ascii=False) if merged else None)
     return columns
 
