@@ -56,7 +56,8 @@ func (e Event) Kind() PayloadKind { return e.kind }
 // JSON is the JSON text of a JSON event ("" otherwise).
 func (e Event) JSON() string { return e.json }
 
-// Bytes is the value of a bytes event (nil otherwise).
+// Bytes is the value of a bytes event (nil otherwise): the event's own slice, not to be
+// modified.
 func (e Event) Bytes() []byte { return e.bytes }
 
 // ContentType is the media type of a bytes event ("" otherwise).
