@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite, against real services that this script installs and starts if needed.
+# The whole test suite, against real services that this script installs and starts if needed
+# (PostgreSQL and Apache Kafka; see scripts/services.sh).
 #   bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/services.sh up)"
 cargo fmt --check
+cargo clippy --locked --all-targets --workspace -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
@@ -15,6 +17,11 @@ cargo test --locked -p posthorn-writer --features opentelemetry --test opentelem
 # one, 1,000,000 rows and 50 kills, is scripts/soak.sh).
 target/debug/examples/soak --posthorn target/debug/posthorn --rows 20000 --keys 100 --kills 5 \
   --max-kill-interval-ms 800
+# The Go and Python writers (writers/), against the same services and the relay built above;
+# its last line is `writers: N passed, N failed`.
+POSTHORN_BIN=target/debug/posthorn bash scripts/test-writers.sh 2>&1 | tee -a "$log"
 # One closing line for the whole run (cargo prints one per test binary, the last being the
 # doc-tests').
-awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+awk '/^test result:/ { p += $4; f += $6 }
+     /^writers: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
