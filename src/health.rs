@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::events;
+use crate::metrics::METRICS;
 use crate::outbox::Outbox;
 use crate::publisher::KafkaProbe;
 use crate::shutdown::Shutdown;
@@ -29,6 +30,12 @@ pub const READINESS_INTERVAL: Duration = Duration::from_secs(5);
 const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
 /// A readiness result older than this is not trusted: the probe task itself is stuck.
 const READINESS_STALE: Duration = Duration::from_secs(30);
+/// Records in flight and none acknowledged for this long: Kafka is not ready even if a broker
+/// answers metadata. Two brokers of three down is such a case: the survivor answers, and lists
+/// all three (the controller quorum went down with them, so nobody fences them), but cannot have
+/// a record acknowledged by `min.insync.replicas` replicas. Longer than a leader failover after
+/// one broker's crash (its session times out after 9 s by default, then a leader is elected).
+const NOT_ACKNOWLEDGING_AFTER: Duration = Duration::from_secs(15);
 
 /// The relay loop's sign of life. Clones share it.
 #[derive(Clone)]
@@ -196,6 +203,50 @@ impl Readiness {
     }
 }
 
+/// Whether the producer's records are being acknowledged, from the metrics (records in flight,
+/// records acknowledged) sampled at each readiness check.
+#[derive(Debug)]
+struct AckProgress {
+    n_acknowledged: u64,
+    /// The last check that saw an acknowledgement, or nothing in flight.
+    since: Instant,
+}
+
+impl AckProgress {
+    fn new(now: Instant) -> AckProgress {
+        AckProgress {
+            n_acknowledged: 0,
+            since: now,
+        }
+    }
+
+    /// Records the sample; returns whether records have waited [`NOT_ACKNOWLEDGING_AFTER`] or
+    /// more with no acknowledgement at all.
+    fn stalled(&mut self, n_in_flight: i64, n_acknowledged: u64, now: Instant) -> bool {
+        if n_in_flight <= 0 || n_acknowledged != self.n_acknowledged {
+            self.n_acknowledged = n_acknowledged;
+            self.since = now;
+            return false;
+        }
+        now.saturating_duration_since(self.since) >= NOT_ACKNOWLEDGING_AFTER
+    }
+}
+
+/// `"kafka"` in `/readyz`: a broker must answer, and records in flight must be acknowledged.
+/// The reason stays the same while the stall lasts, so it is logged once.
+fn kafka_state<E: std::fmt::Display>(metadata: Result<usize, E>, stalled: bool) -> String {
+    match metadata {
+        Err(err) => format!("unreachable: {err}"),
+        Ok(_n_brokers) if stalled => format!(
+            "not acknowledging: records in flight, none acknowledged for {}s or more, though a \
+             broker answers (e.g. fewer in-sync replicas than min.insync.replicas for acks=all, \
+             or partitions without a live leader)",
+            NOT_ACKNOWLEDGING_AFTER.as_secs()
+        ),
+        Ok(_n_brokers) => OK.to_owned(),
+    }
+}
+
 /// Checks Postgres, the schema and Kafka every [`READINESS_INTERVAL`] until `shutdown`, storing
 /// the result in `readiness` and logging every change.
 pub async fn probe_readiness(
@@ -206,6 +257,7 @@ pub async fn probe_readiness(
 ) {
     let mut ticks = tokio::time::interval(READINESS_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acks = AckProgress::new(Instant::now());
     loop {
         tokio::select! {
             _ = shutdown.triggered() => return,
@@ -231,10 +283,12 @@ pub async fn probe_readiness(
                 "unknown".to_owned(),
             ),
         };
-        let kafka_state = match broker {
-            Ok(_n_brokers) => OK.to_owned(),
-            Err(err) => format!("unreachable: {err}"),
-        };
+        let stalled = acks.stalled(
+            METRICS.producer_in_flight.get(),
+            METRICS.commit_to_ack.get_sample_count(),
+            Instant::now(),
+        );
+        let kafka_state = kafka_state(broker, stalled);
         report_to_watches(&postgres, &kafka_state);
         let checks = Checks {
             postgres,
@@ -301,6 +355,34 @@ mod tests {
         };
         let ((), since) = tokio::join!(waited, probe);
         assert!(since <= BEAT_INTERVAL, "{since:?}");
+    }
+
+    #[test]
+    fn records_in_flight_unacknowledged_for_a_while_make_kafka_not_ready() {
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut acks = AckProgress::new(start);
+        // Acknowledgements arriving, or nothing in flight: ready, however long it lasts.
+        assert!(!acks.stalled(100, 10, at(5)));
+        assert!(!acks.stalled(100, 20, at(30)));
+        assert!(!acks.stalled(0, 20, at(60)));
+        // In flight and no acknowledgement: not yet, then not ready.
+        assert!(!acks.stalled(7, 20, at(70)));
+        assert!(acks.stalled(7, 20, at(75)));
+        assert!(acks.stalled(7, 20, at(120)));
+        // One acknowledgement ends it.
+        assert!(!acks.stalled(6, 21, at(125)));
+        assert!(!acks.stalled(6, 21, at(135)));
+
+        assert_eq!(kafka_state::<String>(Ok(3), false), OK);
+        let reason = kafka_state::<String>(Ok(3), true);
+        assert!(reason.starts_with("not acknowledging: "), "{reason}");
+        assert!(reason.contains("min.insync.replicas"), "{reason}");
+        // A broker that does not answer is the first thing to say.
+        assert_eq!(
+            kafka_state(Err("timed out"), true),
+            "unreachable: timed out"
+        );
     }
 
     #[test]
