@@ -460,13 +460,27 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 }
 
 pub async fn create_topic_at(brokers: &str, topic: &str, partitions: i32) {
+    create_topic_replicated(brokers, topic, partitions, 1).await
+}
+
+/// A topic whose partitions have `replication` replicas each (3 on a [`KafkaCluster`] of three).
+pub async fn create_topic_replicated(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let results = admin
         .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &[NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(replication),
+            )],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         )
         .await

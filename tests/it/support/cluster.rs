@@ -120,7 +120,7 @@ impl KafkaCluster {
                 std::fs::remove_dir_all(&p).unwrap_or_else(|e| panic!("removing {p:?}: {e}"));
             }
         };
-        remove(node.dir.join("data"));
+        remove(self.data_dir(i));
         if what == Wipe::Everything {
             remove(node.dir.join("meta"));
         }
@@ -132,6 +132,29 @@ impl KafkaCluster {
         self.kill(i);
         self.spawn(i);
         self.wait_ready(i, self.nodes.len()).await;
+    }
+
+    /// Starts several killed nodes at once, then waits for each: with three nodes, two down
+    /// have taken the controller quorum with them, and a node brought back alone may not list
+    /// every broker until the last one is back too.
+    pub async fn restart_all(&mut self, nodes: &[usize]) {
+        for &i in nodes {
+            self.kill(i);
+            self.spawn(i);
+        }
+        for &i in nodes {
+            self.wait_ready(i, self.nodes.len()).await;
+        }
+    }
+
+    /// Node `i`'s partition data (`log.dirs`): `<topic>-<partition>/*.log`.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("data")
+    }
+
+    /// Node `i`'s broker log, for failure messages.
+    pub fn server_log(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("server.log")
     }
 
     fn spawn(&mut self, i: usize) {
