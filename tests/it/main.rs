@@ -14,4 +14,5 @@ mod process;
 mod restarts;
 mod role;
 mod support;
+mod transactions;
 mod writer;
