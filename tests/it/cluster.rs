@@ -246,7 +246,7 @@ async fn two_brokers_down_hold_the_relay_mark_nothing_and_readyz_says_why_until_
     // The outage, the two restarts included, must stay shorter than the acknowledgement stall:
     // at the stall the relay purges its producer and replaces it, and records the survivor had
     // written (not acknowledged) are sent again by the new producer: duplicates (seen here with
-    // the default 60 s: 3 of them, after 45 s down and two slow restarts).
+    // the default 60 s, which ran out while the two nodes were still starting: 3 of them).
     let mut f = start("cluster_two_down", &[("POSTHORN_ACK_STALL_MS", "300000")]).await;
     let addr = f.relay.http_addr().await;
     readyz_until(addr, Duration::from_secs(30), "ready", |status, _| {
@@ -327,10 +327,28 @@ async fn a_broker_back_with_an_empty_data_directory_copies_every_partition_and_n
     f.wait_for_progress().await;
     let (leader, _) = leader_of_most(&partitions(&f.cluster.brokers(), &f.topic));
     let wiped = f.cluster.index_of(leader);
+    let directory_id = |cluster: &KafkaCluster| {
+        let properties = cluster.data_dir(wiped).join("meta.properties");
+        std::fs::read_to_string(properties).ok().and_then(|p| {
+            p.lines()
+                .find_map(|l| l.strip_prefix("directory.id=").map(str::to_owned))
+        })
+    };
+    let old_directory_id = directory_id(&f.cluster).expect("the data directory's id");
     f.cluster.kill(wiped);
     f.cluster.wipe(wiped, Wipe::Data);
     let restarted = Instant::now();
     f.cluster.restart(wiped).await;
+    // KRaft: formatting the empty directory gave it a new directory id, and the controller's
+    // partition registrations still name the old one (seen in the controllers' server.log:
+    // the broker registers with `logDirs=[<new id>]`). With its one log directory the broker
+    // creates the replicas there anyway, reports the new placement to the controller (its
+    // directory-assignments channel) and fetches from the leaders.
+    assert_ne!(
+        directory_id(&f.cluster),
+        Some(old_directory_id),
+        "the re-formatted data directory has a new directory id"
+    );
     // It fetches every partition from its leader and rejoins the ISR once it has caught up.
     let what = format!(
         "the wiped broker is in every partition's ISR again (see {:?})",
