@@ -283,13 +283,14 @@ pub async fn probe_readiness(
                 "unknown".to_owned(),
             ),
         };
+        let n_in_flight = METRICS.producer_in_flight.get();
         let stalled = acks.stalled(
-            METRICS.producer_in_flight.get(),
+            n_in_flight,
             METRICS.commit_to_ack.get_sample_count(),
             Instant::now(),
         );
         let kafka_state = kafka_state(broker, stalled);
-        report_to_watches(&postgres, &kafka_state);
+        report_to_watches(&postgres, &kafka_state, n_in_flight);
         let checks = Checks {
             postgres,
             kafka: kafka_state,
@@ -308,12 +309,19 @@ pub async fn probe_readiness(
 }
 
 /// The probe's findings feed the outage log: an unreachable service is a failure, an answer
-/// ends an outage once errors have stopped (see `outage`).
-fn report_to_watches(postgres: &str, kafka: &str) {
+/// ends an outage once errors have stopped (see `outage`). While records are in flight, a
+/// broker answering metadata shows nothing (two brokers of three down: the third answers, and
+/// nothing is acknowledged); then only an acknowledgement (`BatchPublished`) ends a Kafka outage.
+fn report_to_watches(postgres: &str, kafka: &str, n_in_flight: i64) {
     for (watch, state) in [
         (&crate::outage::POSTGRES, postgres),
         (&crate::outage::KAFKA, kafka),
     ] {
+        let answer_proves_nothing =
+            watch.dependency == crate::outage::Dependency::Kafka && n_in_flight > 0;
+        if state == OK && answer_proves_nothing {
+            continue;
+        }
         if state == OK {
             events::DependencyAnswered { watch }.emit();
         } else {
