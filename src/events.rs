@@ -444,6 +444,24 @@ impl Listening<'_> {
     }
 }
 
+/// The established LISTEN connection failed: logged each time (once per lost connection, not
+/// per retry; failed reconnects are [`ListenFailed`], logged as Postgres' state changes).
+pub struct ListenLost<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub retry_in: Duration,
+}
+impl ListenLost<'_> {
+    pub fn emit(self) {
+        METRICS.reconnects.with_label_values(&["postgres"]).inc();
+        METRICS
+            .dependency_errors
+            .with_label_values(&["postgres"])
+            .inc();
+        warn!(error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64,
+            "LISTEN connection lost; reconnecting. Polling continues meanwhile.");
+    }
+}
+
 pub struct ListenReconnecting;
 impl ListenReconnecting {
     pub fn emit(self) {

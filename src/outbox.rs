@@ -811,7 +811,7 @@ async fn listen(pool: PgPool, channel: String, notify: Arc<Notify>, mut shutdown
                 }
                 Err(err) => {
                     let delay = backoff.next_delay();
-                    events::ListenFailed {
+                    events::ListenLost {
                         error: &err,
                         retry_in: delay,
                     }
