@@ -583,12 +583,7 @@ impl OutboxTable {
 }
 
 fn check_identifier(value: &str, var: &str, example: &'static str) -> Result<(), ConfigError> {
-    let mut chars = value.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !first_ok || !rest_ok || value.len() > 63 {
+    if !posthorn_writer::contract::is_identifier(value) {
         return Err(ConfigError::invalid(
             var,
             format!("'{value}' is not a lowercase SQL identifier (a-z, 0-9, _; at most 63 bytes; not starting with a digit)"),
@@ -676,30 +671,11 @@ impl TopicTemplate {
     }
 }
 
-fn is_topic_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
+use posthorn_writer::contract::is_topic_char;
 
-/// Why a topic name is not one Kafka accepts, if it is not.
+/// Why a topic name is not one Kafka accepts, if it is not (the contract's rule).
 pub fn topic_name_problem(topic: &str) -> Option<String> {
-    if topic.is_empty() {
-        return Some("the topic name is empty".to_owned());
-    }
-    if topic.len() > 249 {
-        return Some(format!(
-            "the topic name is {} characters long; Kafka allows 249",
-            topic.len()
-        ));
-    }
-    if topic == "." || topic == ".." {
-        return Some(format!("'{topic}' is not a valid topic name"));
-    }
-    if !topic.chars().all(is_topic_char) {
-        return Some(format!(
-            "topic '{topic}' has characters Kafka does not allow (only a-z, A-Z, 0-9, '.', '_', '-')"
-        ));
-    }
-    None
+    posthorn_writer::contract::topic_name_problem(topic).map(|problem| problem.to_string())
 }
 
 /// `POSTHORN_ON_POISON`: what a row Kafka will never accept does to its aggregate.

@@ -4,17 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::contract;
 use crate::WriteError;
-
-/// Header names posthorn sets on every record; an event's own headers may not use them. The
-/// relay uses this list too (`posthorn::publisher::RESERVED_HEADERS`).
-pub const RESERVED_HEADERS: [&str; 5] = [
-    "event-id",
-    "event-type",
-    "aggregate-type",
-    "outbox-id",
-    "content-type",
-];
 
 /// One event, ready to be written: every field already satisfies the outbox table's rules (only
 /// [`EventBuilder::build`] makes one), so writing it sends nothing the database would refuse.
@@ -263,13 +254,7 @@ fn check_no_nul(field: &'static str, value: &str) -> Result<(), WriteError> {
 
 /// Kafka's rule for topic names, as the SQL functions and the relay check it.
 fn check_topic(topic: &str) -> Result<(), WriteError> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if topic.is_empty()
-        || topic.len() > 249
-        || topic == "."
-        || topic == ".."
-        || !topic.chars().all(allowed)
-    {
+    if contract::topic_name_problem(topic).is_some() {
         return Err(invalid(
             "topic",
             format!(
@@ -283,7 +268,7 @@ fn check_topic(topic: &str) -> Result<(), WriteError> {
 
 fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), WriteError> {
     for (name, value) in headers {
-        if RESERVED_HEADERS.contains(&name.as_str()) {
+        if contract::is_reserved_header(name) {
             return Err(invalid(
                 "headers",
                 format!("header name '{name}' is reserved: posthorn sets it on every record"),
@@ -355,6 +340,7 @@ fn has_nul_escape(json: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RESERVED_HEADERS;
 
     fn message(builder: EventBuilder) -> String {
         builder.build().expect_err("invalid").to_string()

@@ -33,6 +33,7 @@
 #![doc = include_str!("../examples/order_shipped.rs")]
 //! ```
 
+pub mod contract;
 mod event;
 mod outbox;
 pub mod tcp_nodelay;
@@ -44,7 +45,8 @@ use std::sync::LazyLock;
 use sqlx::postgres::PgConnection;
 use uuid::Uuid;
 
-pub use event::{Event, EventBuilder, Payload, RESERVED_HEADERS};
+pub use contract::RESERVED_HEADERS;
+pub use event::{Event, EventBuilder, Payload};
 pub use outbox::Outbox;
 
 /// Why an event was not written.

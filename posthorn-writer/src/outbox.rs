@@ -143,12 +143,7 @@ fn insert_sql(table: &str) -> String {
 }
 
 fn check_identifier(what: &'static str, name: &str) -> Result<(), WriteError> {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if first_ok && rest_ok && name.len() <= 63 {
+    if crate::contract::is_identifier(name) {
         return Ok(());
     }
     Err(WriteError::InvalidName(format!(
