@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 
 use crate::config::PoisonPolicy;
-use crate::outbox::OutboxRow;
+use crate::row::{Failure, OutboxRow, Poison};
 
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,10 +21,10 @@ pub enum Outcome {
     Acked,
     /// Publishing failed for a reason that may pass; the error is recorded on the row and it is
     /// read again later.
-    Failed(String),
+    Failed(Failure),
     /// Kafka will never accept this row: it is marked failed, and `POSTHORN_ON_POISON` decides
     /// whether later rows of its aggregate wait.
-    Poison(String),
+    Poison(Poison),
     /// Not sent, because an earlier row of the same aggregate failed in this batch: sending it
     /// would put it ahead of that row.
     Withheld,
@@ -56,9 +56,9 @@ impl Deliverable {
 pub struct Settled {
     pub deliverable: Deliverable,
     /// Rows whose attempt failed, with the error: recorded on the row, retried later.
-    pub failed: Vec<(i64, String)>,
+    pub failed: Vec<(i64, Failure)>,
     /// Rows Kafka will never accept, with the reason: marked failed.
-    pub poisoned: Vec<(i64, String)>,
+    pub poisoned: Vec<(i64, Poison)>,
     /// Rows held back behind an earlier failure or left unacknowledged.
     pub n_held: usize,
 }
@@ -86,7 +86,7 @@ impl<'a> Tracker<'a> {
 
     /// Whether row `i` may be sent: no earlier row of its aggregate failed in this batch.
     pub fn may_send(&self, i: usize) -> bool {
-        !self.blocked.contains(&aggregate(&self.rows[i]))
+        !self.blocked.contains(&self.rows[i].aggregate())
     }
 
     /// Whether row `i` has an outcome yet.
@@ -103,16 +103,16 @@ impl<'a> Tracker<'a> {
     }
 
     /// Row `i` failed: record why, and hold back the later rows of its aggregate.
-    pub fn fail(&mut self, i: usize, error: String) {
-        self.blocked.insert(aggregate(&self.rows[i]));
+    pub fn fail(&mut self, i: usize, error: Failure) {
+        self.blocked.insert(self.rows[i].aggregate());
         self.outcomes[i] = Some(Outcome::Failed(error));
     }
 
     /// Row `i` can never be published. Under `halt-key` its aggregate's later rows are held
     /// back; under `dead-letter` they go on.
-    pub fn poison(&mut self, i: usize, reason: String) {
+    pub fn poison(&mut self, i: usize, reason: Poison) {
         if self.policy == PoisonPolicy::HaltKey {
-            self.blocked.insert(aggregate(&self.rows[i]));
+            self.blocked.insert(self.rows[i].aggregate());
         }
         self.outcomes[i] = Some(Outcome::Poison(reason));
     }
@@ -122,7 +122,7 @@ impl<'a> Tracker<'a> {
         let mut stopped: HashSet<(&str, &str)> = HashSet::new();
         let mut settled = Settled::default();
         for (row, outcome) in self.rows.iter().zip(self.outcomes) {
-            let key = aggregate(row);
+            let key = row.aggregate();
             let outcome = outcome.unwrap_or(Outcome::Unknown);
             match outcome {
                 Outcome::Acked if !stopped.contains(&key) => {
@@ -147,11 +147,6 @@ impl<'a> Tracker<'a> {
         }
         settled
     }
-}
-
-/// Order is promised per aggregate, the unit whose writers serialize.
-fn aggregate(row: &OutboxRow) -> (&str, &str) {
-    (&row.aggregate_type, &row.aggregate_id)
 }
 
 #[cfg(test)]
@@ -189,7 +184,7 @@ mod tests {
     fn a_row_after_a_failed_row_of_its_key_is_not_deliverable_but_other_keys_are() {
         let rows = rows(&["a", "b", "a", "b"]);
         let mut t = Tracker::new(&rows, PoisonPolicy::DeadLetter);
-        t.fail(0, "boom".into());
+        t.fail(0, Failure::Kafka("boom".into()));
         assert!(!t.may_send(2));
         assert!(t.may_send(1));
         t.ack(1);
@@ -197,7 +192,7 @@ mod tests {
         t.ack(3);
         let s = t.finish();
         assert_eq!(s.deliverable.ids(), &[2, 4]);
-        assert_eq!(s.failed, vec![(1, "boom".to_owned())]);
+        assert_eq!(s.failed, vec![(1, Failure::Kafka("boom".into()))]);
         assert_eq!(s.n_held, 1);
     }
 
@@ -216,20 +211,20 @@ mod tests {
     fn under_dead_letter_a_poison_row_lets_its_aggregate_go_on() {
         let rows = rows(&["a", "a", "b"]);
         let mut t = Tracker::new(&rows, PoisonPolicy::DeadLetter);
-        t.poison(0, "too large".into());
+        t.poison(0, Poison::Kafka("too large".into()));
         assert!(t.may_send(1));
         t.ack(1);
         t.ack(2);
         let s = t.finish();
         assert_eq!(s.deliverable.ids(), &[2, 3]);
-        assert_eq!(s.poisoned, vec![(1, "too large".to_owned())]);
+        assert_eq!(s.poisoned, vec![(1, Poison::Kafka("too large".into()))]);
     }
 
     #[test]
     fn under_halt_key_a_poison_row_holds_its_aggregate_only() {
         let rows = rows(&["a", "a", "b"]);
         let mut t = Tracker::new(&rows, PoisonPolicy::HaltKey);
-        t.poison(0, "too large".into());
+        t.poison(0, Poison::Kafka("too large".into()));
         assert!(!t.may_send(1));
         t.withhold(1);
         t.ack(2);
@@ -244,7 +239,7 @@ mod tests {
         let mut rows = rows(&["42", "42"]);
         rows[1].aggregate_type = "customer".into();
         let mut t = Tracker::new(&rows, PoisonPolicy::DeadLetter);
-        t.fail(0, "x".into());
+        t.fail(0, Failure::Kafka("x".into()));
         assert!(t.may_send(1));
         t.ack(1);
         assert_eq!(t.finish().deliverable.ids(), &[2]);

@@ -735,3 +735,19 @@ impl AcksStalled {
         );
     }
 }
+
+pub struct ProducerCreated<'a> {
+    pub brokers: &'a str,
+}
+impl ProducerCreated<'_> {
+    pub fn emit(self) {
+        debug!(brokers = self.brokers, "Kafka producer created.");
+    }
+}
+
+pub struct ProducerClosed;
+impl ProducerClosed {
+    pub fn emit(self) {
+        debug!("Kafka producer closed; what it still held is purged.");
+    }
+}

@@ -210,6 +210,13 @@ impl Keeper {
         self.current().is_some_and(|l| l.epoch == epoch)
     }
 
+    /// A view of the leadership for those who only check it (the batch being published).
+    pub fn watch(&self) -> LeaseWatch {
+        LeaseWatch {
+            rx: self.rx.clone(),
+        }
+    }
+
     /// Resolves once this instance leads.
     pub async fn leadership(&mut self) -> Leadership {
         loop {
@@ -226,6 +233,42 @@ impl Keeper {
     pub async fn stop(self) {
         self.stop.trigger();
         let _ = self.task.await;
+    }
+}
+
+/// The keeper's view of the leadership, read-only: cheap to clone and check.
+#[derive(Clone)]
+pub struct LeaseWatch {
+    rx: watch::Receiver<Option<Leadership>>,
+}
+
+impl LeaseWatch {
+    /// Whether this instance still leads with `epoch`, by its own clock.
+    pub fn leads_with(&self, epoch: i64) -> bool {
+        (*self.rx.borrow())
+            .filter(Leadership::is_valid)
+            .is_some_and(|l| l.epoch == epoch)
+    }
+
+    /// Resolves once this instance no longer leads with `epoch`: the keeper gave it up, or it
+    /// lapsed by this instance's clock.
+    pub async fn lapsed(&self, epoch: i64) {
+        let mut rx = self.rx.clone();
+        loop {
+            let current = *rx.borrow_and_update();
+            let Some(leadership) = current.filter(|l| l.epoch == epoch && l.is_valid()) else {
+                return;
+            };
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        // The keeper stopped: the leadership lasts until it lapses.
+                        tokio::time::sleep_until(leadership.valid_until).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(leadership.valid_until) => {}
+            }
+        }
     }
 }
 

@@ -35,6 +35,7 @@ pub mod publisher;
 pub mod relay;
 pub mod retention;
 pub mod retry;
+pub(crate) mod row;
 pub mod shutdown;
 pub mod sidecar;
 

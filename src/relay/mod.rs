@@ -1,29 +1,43 @@
 //! The relay loop: wait → read a batch → publish it pipelined → settle acks → mark delivered.
 //!
-//! A batch is settled before the next one is sent, and every read takes the oldest undelivered
-//! rows (including any a failed batch left behind), so nothing needs a cursor. Postgres work
-//! overlaps Kafka work only on the clean path: while a full batch waits for its acks, the
-//! previous batch (acknowledged in full) is marked and, concurrently, the next one is read past
-//! both. A batch that did not settle cleanly discards that read-ahead, is marked at once,
-//! and the next read starts again from the oldest undelivered row. Transient failures (Postgres
-//! or Kafka down, a failed record) never end the loop: it logs, backs off and resumes from the
-//! oldest undelivered row. Only a stop signal ends it.
+//! [`run`] stands by until this instance holds the lease, then leads: one `select!` over a
+//! closed set of events (a batch acknowledged, a batch marked, a batch read, woken, the lease
+//! lost, the stop signal) drives a [`Pipeline`], whose transitions are plain functions that say
+//! what to start next (see `pipeline.rs` for the rules: clean and unclean batches, the
+//! read-ahead, isolation). This module only carries them out: it owns the futures, the
+//! producer (`producer.rs`) and the poison policy's dead-lettering (`poison.rs`).
+//!
+//! Every read takes the oldest undelivered rows (or reads past rows sent and not yet marked,
+//! and checks nothing lies below them), so nothing needs a cursor. Transient failures
+//! (Postgres or Kafka down, a failed record) never end the loop: it logs, backs off and resumes
+//! from the oldest undelivered row. Only a stop signal ends it.
 
+mod pipeline;
+mod poison;
+mod producer;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use std::sync::Arc;
-
 use crate::acks::{Deliverable, Tracker};
-use crate::config::{Config, ConfigError, PoisonPolicy};
+use crate::config::{Config, ConfigError};
 use crate::events;
 use crate::health::Heartbeat;
-use crate::lease::{Keeper, Lease};
-use crate::outbox::{Outbox, OutboxError, OutboxRow, ReadPast};
-use crate::publisher::{DeadLetterPayload, Publisher, PublisherError};
+use crate::lease::{Keeper, Lease, LeaseWatch};
+use crate::outbox::{Outbox, OutboxError, ReadPast, Wakeups};
+use crate::publisher::PublisherError;
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
+
+use pipeline::{
+    Acked, Acknowledged, LeaseState, Leave, Next, Pipeline, Read, ReadDone, ReadKind, SettleReport,
+    Unclean, Work,
+};
+use producer::ProducerSlot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -49,6 +63,9 @@ impl From<PublisherError> for RelayError {
 pub struct RelayStats {
     /// Rows marked delivered.
     pub n_published: u64,
+    /// Reads past the rows in flight that found an undelivered row below them and read again
+    /// from the oldest (this run's share of `posthorn_read_restarts_total`).
+    pub n_read_restarts: u64,
 }
 
 /// Runs until `shutdown` fires: stands by until this instance holds the outbox's lease, then
@@ -62,8 +79,8 @@ pub async fn run(config: &Config, shutdown: Shutdown) -> Result<RelayStats, Rela
     run_with_heartbeat(config, shutdown, &Heartbeat::new()).await
 }
 
-/// [`run`], beating `heartbeat` at every iteration and while it legitimately waits (for the
-/// lease, for rows, for the broker, in a backoff), so `/healthz` can tell a wedged loop.
+/// [`run`], beating `heartbeat` at every event and while it legitimately waits (for the lease,
+/// for rows, for the broker, in a backoff), so `/healthz` can tell a wedged loop.
 pub async fn run_with_heartbeat(
     config: &Config,
     mut shutdown: Shutdown,
@@ -71,8 +88,7 @@ pub async fn run_with_heartbeat(
 ) -> Result<RelayStats, RelayError> {
     let outbox = Outbox::connect_lazy(config)?;
     // Created up front so that an invalid Kafka property is a start-up error, not a retry loop.
-    let publisher = Publisher::idempotent(&config.kafka, &config.topic_template)?;
-    publisher.connect_early();
+    let producer = ProducerSlot::create(config)?;
     events::RelayStarted {
         database: config.database.redacted(),
         brokers: &config.kafka.brokers,
@@ -87,147 +103,29 @@ pub async fn run_with_heartbeat(
         config.lease_ttl,
     ));
     let mut keeper = Keeper::spawn(lease.clone());
-    let wakeups = outbox.spawn_listener(shutdown.clone());
-    let mut relay = Relay {
+    let relay = Relay {
         config,
+        heartbeat,
+        wakeups: outbox.spawn_listener(shutdown.clone()),
+        lease: keeper.watch(),
         outbox,
-        publisher: Some(publisher),
+    };
+    let mut state = State {
+        pipeline: Pipeline::new(config.batch_size),
+        producer,
         stats: RelayStats::default(),
-        n_unacknowledged: 0,
-        db_backoff: Backoff::new(),
-        kafka_backoff: Backoff::new(),
-        n_isolated: 0,
-        acked: None,
-        read_ahead: None,
     };
 
     let mut last_epoch = None;
-    'standby: while !shutdown.is_triggered() {
-        // A standby waits for the lease as long as another instance holds it: a legitimate wait.
-        // It says so only once the keeper has tried: on a fresh start the lease is usually free.
-        let first_try = lease.timing().standby_poll * 2;
-        let leadership = heartbeat
-            .during(async {
-                tokio::select! {
-                    _ = shutdown.triggered() => return None,
-                    leadership = keeper.leadership() => return Some(leadership),
-                    _ = tokio::time::sleep(first_try) => {}
-                }
-                events::StandingBy {
-                    owner: lease.owner(),
-                }
-                .emit();
-                tokio::select! {
-                    _ = shutdown.triggered() => None,
-                    leadership = keeper.leadership() => Some(leadership),
-                }
-            })
-            .await;
-        let Some(leadership) = leadership else {
-            break 'standby;
-        };
-        let epoch = leadership.epoch;
+    while let Some(epoch) = stand_by(&mut keeper, &lease, &mut shutdown, heartbeat).await {
         last_epoch = Some(epoch);
-        while !shutdown.is_triggered() {
-            heartbeat.beat();
-            if !keeper.leads_with(epoch) {
-                // Lost the lease: drop the producer (purging whatever it still holds) and
-                // stand by. Marks of this epoch are refused: the next leader publishes those
-                // rows again.
-                relay.read_ahead = None;
-                relay.mark_acked(&shutdown, heartbeat).await;
-                if let Some(producer) = relay.publisher.take() {
-                    producer.close().await;
-                }
-                continue 'standby;
-            }
-            let limit = if relay.n_isolated > 0 {
-                1
-            } else {
-                config.batch_size
-            };
-            let (fetched, read) = match relay.read_ahead.take() {
-                Some(ReadAhead { rows, read }) => (Ok(rows), read),
-                None => {
-                    // The acknowledged batch is marked while this read runs past it.
-                    let read_started = Instant::now();
-                    let sent = relay.acked.as_ref().map(Acked::ids).unwrap_or_default();
-                    let (outbox, acked, stats) =
-                        (&relay.outbox, &mut relay.acked, &mut relay.stats);
-                    let mark_shutdown = shutdown.clone();
-                    let (fetched, mut read) = tokio::select! {
-                        _ = shutdown.triggered() => break 'standby,
-                        (fetched, ()) = async {
-                            tokio::join!(
-                                async {
-                                    let fetched = outbox.fetch_after(limit, &sent).await;
-                                    (fetched, read_started.elapsed())
-                                },
-                                mark_acked(outbox, acked, stats, &mark_shutdown, heartbeat),
-                            )
-                        } => fetched,
-                    };
-                    let fetched = match fetched {
-                        Ok(ReadPast::Rows(rows)) => Ok(rows),
-                        Ok(ReadPast::RowBelow(outbox_id)) => {
-                            // Read from the oldest: the acknowledged batch is marked by now.
-                            events::ReadRestarted { outbox_id }.emit();
-                            let again_started = Instant::now();
-                            let fetched = tokio::select! {
-                                _ = shutdown.triggered() => break 'standby,
-                                fetched = relay.outbox.fetch_batch(limit) => fetched,
-                            };
-                            read += again_started.elapsed();
-                            fetched
-                        }
-                        Err(err) => Err(err),
-                    };
-                    (fetched, read)
-                }
-            };
-            let rows = match fetched {
-                Ok(rows) => {
-                    relay.db_backoff.reset();
-                    rows
-                }
-                Err(err) => {
-                    let retry_in = relay.db_backoff.next_delay();
-                    events::DatabaseFailed {
-                        error: &err,
-                        retry_in,
-                        missing_table: err.is_undefined_table() || err.is_undefined_column(),
-                    }
-                    .emit();
-                    sleep_unless_stopped(retry_in, &mut shutdown, heartbeat).await;
-                    continue;
-                }
-            };
-            if rows.is_empty() {
-                relay.n_isolated = 0;
-                // LISTEN was set up before this read, so a commit after it has already stored a
-                // wake-up permit: no notification can fall between the read and the wait. An
-                // idle leader publishes nothing; the lease is checked again after the wake.
-                let stop = heartbeat
-                    .during(async {
-                        tokio::select! {
-                            _ = shutdown.triggered() => true,
-                            _ = wakeups.notified() => false,
-                            _ = tokio::time::sleep(config.poll_interval) => false,
-                        }
-                    })
-                    .await;
-                if stop {
-                    break 'standby;
-                }
-                continue;
-            }
-            relay
-                .publish_batch(rows, read, epoch, &keeper, &mut shutdown, heartbeat)
-                .await;
+        match relay.lead(&mut state, epoch, &mut shutdown).await {
+            Leave::Stop => break,
+            // Lost the lease: drop the producer (purging whatever it still holds).
+            Leave::StandBy => state.producer.close(),
         }
     }
-    // Marked before the lease is released: the mark is fenced by it.
-    relay.mark_acked(&shutdown, heartbeat).await;
+    // Everything acknowledged was marked before this: the mark is fenced by the lease.
     keeper.stop().await;
     if let Some(epoch) = last_epoch {
         // Drained: hand over at once rather than make a standby wait for the expiry.
@@ -235,207 +133,367 @@ pub async fn run_with_heartbeat(
             events::LeaseReleased { epoch }.emit();
         }
     }
-    if let Some(producer) = relay.publisher.take() {
-        producer.close().await;
-    }
+    state.producer.close();
+    let Relay {
+        outbox, wakeups, ..
+    } = relay;
     drop(wakeups);
-    relay.outbox.pool().close().await;
+    outbox.pool().close().await;
     events::RelayStopped {
-        n_published: relay.stats.n_published,
-        n_unacknowledged: relay.n_unacknowledged,
+        n_published: state.stats.n_published,
+        n_unacknowledged: state.pipeline.n_unacknowledged(),
     }
     .emit();
-    Ok(relay.stats)
+    Ok(state.stats)
 }
 
-/// The relay's state between batches.
+/// Waits until this instance leads, and returns its epoch; `None` on the stop signal. A
+/// standby waits for the lease as long as another instance holds it: a legitimate wait. It says
+/// so only once the keeper has tried: on a fresh start the lease is usually free.
+async fn stand_by(
+    keeper: &mut Keeper,
+    lease: &Lease,
+    shutdown: &mut Shutdown,
+    heartbeat: &Heartbeat,
+) -> Option<i64> {
+    if shutdown.is_triggered() {
+        return None;
+    }
+    let first_try = lease.timing().standby_poll * 2;
+    let leadership = heartbeat
+        .during(async {
+            tokio::select! {
+                _ = shutdown.triggered() => return None,
+                leadership = keeper.leadership() => return Some(leadership),
+                _ = tokio::time::sleep(first_try) => {}
+            }
+            events::StandingBy {
+                owner: lease.owner(),
+            }
+            .emit();
+            tokio::select! {
+                _ = shutdown.triggered() => None,
+                leadership = keeper.leadership() => Some(leadership),
+            }
+        })
+        .await;
+    leadership.map(|l| l.epoch)
+}
+
+/// What the loop reads and never changes.
 struct Relay<'a> {
     config: &'a Config,
+    heartbeat: &'a Heartbeat,
     outbox: Outbox,
-    /// `None` after the producer was dropped; the next batch creates one.
-    publisher: Option<Publisher>,
+    wakeups: Wakeups,
+    lease: LeaseWatch,
+}
+
+/// What the loop changes.
+struct State {
+    pipeline: Pipeline,
+    producer: ProducerSlot,
     stats: RelayStats,
-    n_unacknowledged: usize,
-    db_backoff: Backoff,
-    kafka_backoff: Backoff,
-    /// Rows still to be sent one at a time, after a record batch was rejected as a whole.
-    n_isolated: usize,
-    /// The last batch, acknowledged in full and not yet marked: it is marked while the next
-    /// batch is read or published.
-    acked: Option<Acked>,
-    /// The next batch, read while the last one was published.
-    read_ahead: Option<ReadAhead>,
 }
 
-/// A batch Kafka acknowledged in full, waiting to be marked delivered.
-struct Acked {
-    deliverable: Deliverable,
-    epoch: i64,
-    n_rows: usize,
-    read: Duration,
-    publish: Duration,
-    /// When its first record was sent.
-    started: Instant,
+/// The events the loop waits for.
+enum Event {
+    Acknowledged(Acknowledged),
+    Marked(Marked),
+    Read(ReadDone),
+    Woke,
+    LeaseLost,
+    Stop,
 }
 
-impl Acked {
-    fn ids(&self) -> Vec<i64> {
-        self.deliverable.ids().to_vec()
-    }
+/// A mark of an acknowledged batch, returned.
+struct Marked {
+    acked: Acked,
+    n_marked: u64,
+    mark: Duration,
 }
 
-/// Rows read while the previous batch was being published: the oldest undelivered rows then,
-/// apart from that batch's.
-struct ReadAhead {
-    rows: Vec<OutboxRow>,
-    read: Duration,
+/// The work running, one future of each kind at most.
+struct Running<'a> {
+    publishing: Task<'a, Acknowledged>,
+    marking: Task<'a, Marked>,
+    reading: Task<'a, ReadDone>,
+    waiting: Task<'a, ()>,
 }
 
-impl Relay<'_> {
-    /// Marks the acknowledged batch, if one is waiting.
-    async fn mark_acked(&mut self, shutdown: &Shutdown, heartbeat: &Heartbeat) {
-        mark_acked(
-            &self.outbox,
-            &mut self.acked,
-            &mut self.stats,
-            shutdown,
-            heartbeat,
-        )
-        .await;
-    }
-
-    /// Publishes one batch as leader with `epoch`, settles it and marks it.
-    async fn publish_batch(
-        &mut self,
-        rows: Vec<OutboxRow>,
-        read: Duration,
-        epoch: i64,
-        keeper: &Keeper,
-        shutdown: &mut Shutdown,
-        heartbeat: &Heartbeat,
-    ) {
-        let config = self.config;
-        let producer = match self.publisher.take() {
-            Some(p) => p,
-            None => match Publisher::idempotent(&config.kafka, &config.topic_template) {
-                Ok(p) => {
-                    p.connect_early();
-                    p
+impl<'a> Relay<'a> {
+    /// Publishes while leading with `epoch`, until the stop signal or the loss of the lease.
+    async fn lead(&'a self, state: &mut State, epoch: i64, shutdown: &mut Shutdown) -> Leave {
+        let mut running = Running {
+            publishing: Task::none(),
+            marking: Task::none(),
+            reading: Task::none(),
+            waiting: Task::none(),
+        };
+        let (mut stopping, mut lease_lost) = (false, false);
+        let mut next = state.pipeline.lead(epoch);
+        loop {
+            if let Some(leave) = self
+                .carry_out(next, state, &mut running, epoch, shutdown)
+                .await
+            {
+                return leave;
+            }
+            let event = tokio::select! {
+                // Acknowledgements first: a settled batch decides what is read next.
+                biased;
+                acknowledged = running.publishing.done() => Event::Acknowledged(acknowledged),
+                marked = running.marking.done() => Event::Marked(marked),
+                read = running.reading.done() => Event::Read(read),
+                _ = shutdown.triggered(), if !stopping => Event::Stop,
+                _ = self.lease.lapsed(epoch), if !lease_lost => Event::LeaseLost,
+                () = running.waiting.done() => Event::Woke,
+            };
+            self.heartbeat.beat();
+            next = match event {
+                Event::Acknowledged(acknowledged) => state.pipeline.acknowledged(acknowledged),
+                Event::Marked(marked) => {
+                    self.report_marked(state, marked);
+                    state.pipeline.marked()
                 }
-                Err(err) => {
-                    let retry_in = self.kafka_backoff.next_delay();
-                    events::ProducerCreateFailed {
-                        error: &err,
+                Event::Read(read) => {
+                    if let Ok(ReadPast::RowBelow(outbox_id)) = read.result {
+                        events::ReadRestarted { outbox_id }.emit();
+                        state.stats.n_read_restarts += 1;
+                    }
+                    state.pipeline.read(read)
+                }
+                Event::Woke => state.pipeline.woke(),
+                Event::LeaseLost => {
+                    lease_lost = true;
+                    state.pipeline.lease_lost()
+                }
+                Event::Stop => {
+                    stopping = true;
+                    state.pipeline.stop()
+                }
+            };
+        }
+    }
+
+    /// Carries out `next` and what the pipeline says after it, until it waits for an event
+    /// (`None`) or leaves.
+    async fn carry_out(
+        &'a self,
+        mut next: Next,
+        state: &mut State,
+        running: &mut Running<'a>,
+        epoch: i64,
+        shutdown: &mut Shutdown,
+    ) -> Option<Leave> {
+        loop {
+            next = match next {
+                Next::Start(work) => match self.start(work, state, running, epoch, shutdown) {
+                    Ok(()) => Next::Wait,
+                    Err((work, error)) => {
+                        let retry_in = state.pipeline.no_producer(work);
+                        events::ProducerCreateFailed {
+                            error: &error,
+                            retry_in,
+                        }
+                        .emit();
+                        self.sleep_unless_stopped(retry_in, shutdown).await;
+                        state.pipeline.backed_off()
+                    }
+                },
+                Next::Wait => {
+                    // What the pipeline no longer wants is abandoned.
+                    if !state.pipeline.is_reading() {
+                        running.reading.cancel();
+                    }
+                    if !state.pipeline.is_idle() {
+                        running.waiting.cancel();
+                    }
+                    debug_assert!(running.any(), "waiting for nothing");
+                    return None;
+                }
+                Next::Idle => {
+                    let (wakeups, poll_interval) = (&self.wakeups, self.config.poll_interval);
+                    // An idle leader publishes nothing; the lease is checked again after the
+                    // wake.
+                    running.waiting.start(self.heartbeat.during(async move {
+                        tokio::select! {
+                            _ = wakeups.notified() => {}
+                            _ = tokio::time::sleep(poll_interval) => {}
+                        }
+                    }));
+                    Next::Wait
+                }
+                Next::DatabaseFailed { error, retry_in } => {
+                    events::DatabaseFailed {
+                        error: &error,
                         retry_in,
+                        missing_table: error.is_undefined_table() || error.is_undefined_column(),
                     }
                     .emit();
-                    sleep_unless_stopped(retry_in, shutdown, heartbeat).await;
-                    return;
+                    self.sleep_unless_stopped(retry_in, shutdown).await;
+                    state.pipeline.backed_off()
                 }
-            },
-        };
+                Next::BackOff { retry_in } => {
+                    self.sleep_unless_stopped(retry_in, shutdown).await;
+                    state.pipeline.backed_off()
+                }
+                Next::Settle(unclean) => {
+                    let report = self.settle(*unclean, state, shutdown).await;
+                    state.pipeline.settled(report)
+                }
+                Next::Leave(leave) => return Some(leave),
+            };
+        }
+    }
 
-        let started = Instant::now();
-        let mut tracker = Tracker::new(&rows, config.on_poison);
-        let still_leader = || keeper.leads_with(epoch);
-        // A full batch means a backlog: read the next batch while this one waits for its acks.
-        let read_ahead = self.n_isolated == 0 && rows.len() >= config.batch_size;
-        // Rows sent and not yet marked: the previous batch (marked meanwhile) and this one.
-        let sent: Vec<i64> = if read_ahead {
-            let mut sent: Vec<i64> = self.acked.as_ref().map(Acked::ids).unwrap_or_default();
-            sent.extend(rows.iter().map(|r| r.id));
-            sent.sort_unstable();
-            sent
-        } else {
-            Vec::new()
+    /// Starts the futures `work` asks for. Fails, starting nothing, if it publishes and no
+    /// producer can be created.
+    fn start(
+        &'a self,
+        work: Work,
+        state: &mut State,
+        running: &mut Running<'a>,
+        epoch: i64,
+        shutdown: &Shutdown,
+    ) -> Result<(), (Work, PublisherError)> {
+        let producer = match &work.publish {
+            Some(_) => match state.producer.get() {
+                Ok(producer) => Some(producer),
+                Err(err) => return Err((work, err)),
+            },
+            None => None,
         };
-        let pg_shutdown = shutdown.clone();
-        let (outbox, acked, stats) = (&self.outbox, &mut self.acked, &mut self.stats);
-        let ((report, publish), next) = tokio::join!(
-            async {
+        let Work {
+            publish,
+            mark: acked,
+            read,
+        } = work;
+        if let (Some(rows), Some(producer)) = (publish, producer) {
+            let (config, heartbeat, lease) = (self.config, self.heartbeat, &self.lease);
+            let mut shutdown = shutdown.clone();
+            running.publishing.start(async move {
+                let started = Instant::now();
+                let mut tracker = Tracker::new(&rows, config.on_poison);
+                let still_leader = || lease.leads_with(epoch);
                 // A batch waits as long as the broker is away: that is a legitimate wait.
                 let report = heartbeat
                     .during(producer.publish(
                         &rows,
                         &mut tracker,
-                        shutdown,
+                        &mut shutdown,
                         config.shutdown_timeout,
                         &still_leader,
                         config.ack_stall,
                     ))
                     .await;
-                (report, started.elapsed())
-            },
-            async {
-                // The previous batch is marked while the next one is read past both.
-                let read_past = async {
-                    if !read_ahead || pg_shutdown.is_triggered() {
-                        return None;
-                    }
-                    let read_started = Instant::now();
-                    // A failed read-ahead is only a lost optimisation: the next read reports it.
-                    let rows = match outbox.fetch_after(config.batch_size, &sent).await.ok()? {
-                        ReadPast::Rows(rows) => rows,
-                        ReadPast::RowBelow(outbox_id) => {
-                            events::ReadRestarted { outbox_id }.emit();
-                            return None;
-                        }
-                    };
-                    Some(ReadAhead {
-                        rows,
-                        read: read_started.elapsed(),
-                    })
-                };
-                let ((), next) = tokio::join!(
-                    mark_acked(outbox, acked, stats, &pg_shutdown, heartbeat),
-                    read_past,
-                );
-                next
-            },
-        );
-        let settled = tracker.finish();
-        let n_rows = rows.len();
-        let clean = settled.deliverable.len() == n_rows
-            && report.n_transient == 0
-            && report.n_suspect == 0
-            && producer.fatal_error().is_none()
-            && keeper.leads_with(epoch)
-            && !shutdown.is_triggered();
-        if clean {
-            // Every row acknowledged: no row of this batch can be read again, so the read-ahead
-            // (which left them out) holds the oldest undelivered rows after them. Marking waits
-            // for the next batch's publish.
-            self.acked = Some(Acked {
-                deliverable: settled.deliverable,
-                epoch,
-                n_rows,
-                read,
-                publish,
-                started,
+                let settled = tracker.finish();
+                Acknowledged {
+                    settled,
+                    report,
+                    fatal: producer.fatal_error(),
+                    lease: if lease.leads_with(epoch) {
+                        LeaseState::Held
+                    } else {
+                        LeaseState::Lost
+                    },
+                    publish: started.elapsed(),
+                    started,
+                    rows,
+                }
             });
-            self.read_ahead = next.filter(|next| !next.rows.is_empty());
-            self.publisher = Some(producer);
-            self.n_unacknowledged = 0;
-            self.n_isolated = self.n_isolated.saturating_sub(1);
-            self.kafka_backoff.reset();
-            return;
         }
-        // Something did not settle: the read-ahead may hold later rows of an aggregate whose row
-        // failed here. Drop it; mark what was acknowledged now; the next read starts over.
-        drop(next);
+        if let Some(acked) = acked {
+            let (outbox, heartbeat, shutdown) = (&self.outbox, self.heartbeat, shutdown.clone());
+            running.marking.start(async move {
+                let started = Instant::now();
+                let n_marked = mark(
+                    outbox,
+                    &acked.deliverable,
+                    acked.epoch,
+                    &shutdown,
+                    heartbeat,
+                )
+                .await;
+                Marked {
+                    acked,
+                    n_marked,
+                    mark: started.elapsed(),
+                }
+            });
+        }
+        if let Some(Read { kind, limit, past }) = read {
+            let outbox = &self.outbox;
+            running.reading.start(async move {
+                let started = Instant::now();
+                let result = match kind {
+                    ReadKind::Oldest => outbox.fetch_batch(limit).await.map(ReadPast::Rows),
+                    ReadKind::Next | ReadKind::Ahead => outbox.fetch_after(limit, &past).await,
+                };
+                ReadDone {
+                    result,
+                    elapsed: started.elapsed(),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Reports the mark of a batch acknowledged in full.
+    fn report_marked(&self, state: &mut State, marked: Marked) {
+        let Marked {
+            acked,
+            n_marked,
+            mark,
+        } = marked;
+        state.stats.n_published += n_marked;
+        events::BatchPublished {
+            n_rows: acked.n_rows,
+            n_marked,
+            n_failed: 0,
+            n_held: 0,
+            n_transient: 0,
+            n_suspect: 0,
+            n_poisoned: 0,
+            read: acked.read,
+            publish: acked.publish,
+            mark,
+            elapsed: acked.started.elapsed(),
+        }
+        .emit();
+    }
+
+    /// Carries out a batch that did not settle cleanly: marks what was acknowledged now,
+    /// replaces the producer if asked, applies the poison policy, and records the failures.
+    async fn settle(
+        &self,
+        unclean: Unclean,
+        state: &mut State,
+        shutdown: &mut Shutdown,
+    ) -> SettleReport {
+        let Unclean {
+            rows,
+            settled,
+            report,
+            epoch,
+            read,
+            publish,
+            started,
+            isolate,
+            replace,
+        } = unclean;
         let mark_started = Instant::now();
         let n_marked = mark(
             &self.outbox,
             &settled.deliverable,
             epoch,
             shutdown,
-            heartbeat,
+            self.heartbeat,
         )
         .await;
-        self.stats.n_published += n_marked;
-        self.n_unacknowledged = settled.n_held;
+        state.stats.n_published += n_marked;
         events::BatchPublished {
-            n_rows,
+            n_rows: rows.len(),
             n_marked,
             n_failed: settled.failed.len() + settled.poisoned.len(),
             n_held: settled.n_held,
@@ -448,49 +506,32 @@ impl Relay<'_> {
             elapsed: started.elapsed(),
         }
         .emit();
-        for (outbox_id, error) in &settled.failed {
+        for (outbox_id, failure) in &settled.failed {
             events::RowFailed {
                 outbox_id: *outbox_id,
-                error,
+                error: &failure.to_string(),
             }
             .emit();
         }
-        self.n_isolated = self.n_isolated.saturating_sub(1);
-        if report.n_suspect > 0 && self.n_isolated == 0 {
-            // One row of a rejected record batch is poison; send the batch's unsettled rows one
-            // at a time to find which, rather than failing its innocent neighbours.
-            self.n_isolated = settled.failed.len() + settled.n_held;
-            events::IsolatingRows {
-                n_rows: self.n_isolated,
-            }
-            .emit();
+        if let Some(n_rows) = isolate {
+            events::IsolatingRows { n_rows }.emit();
+        }
+        if let Some(reason) = &replace {
+            state.producer.replace(reason);
         }
 
-        // A record Kafka failed may have left a gap behind which later records of its partition
-        // were written, and a fatal error leaves the producer unusable: replace it (new producer
-        // id, fresh sequence numbers); the next read resumes from the oldest undelivered row.
-        let fatal = producer.fatal_error();
-        if report.n_transient > 0 || report.n_suspect > 0 || fatal.is_some() {
-            let reason = fatal
-                .or_else(|| settled.failed.first().map(|(_, e)| e.clone()))
-                .unwrap_or_default();
-            producer.close().await;
-            events::ProducerReplaced { reason: &reason }.emit();
-        } else {
-            self.publisher = Some(producer);
-        }
-
-        let mut failed = settled.failed;
-        let poisoned = heartbeat
-            .during(settle_poison(
+        let mut retried = settled.failed;
+        let poisoned = self
+            .heartbeat
+            .during(poison::settle(
                 &rows,
                 settled.poisoned,
-                &mut self.publisher,
-                config,
-                &mut failed,
+                &mut state.producer,
+                self.config,
+                &mut retried,
             ))
             .await;
-        if let Err(err) = self.outbox.record_failures(&failed).await {
+        if let Err(err) = self.outbox.record_failures(&retried).await {
             events::DatabaseFailed {
                 error: &err,
                 retry_in: Duration::ZERO,
@@ -506,147 +547,33 @@ impl Relay<'_> {
             }
             .emit();
         }
-
-        if report.n_transient > 0 || (!failed.is_empty() && n_marked == 0 && poisoned.is_empty()) {
-            // Kafka is failing records, or nothing but retries is left: wait before trying
-            // again rather than spinning.
-            sleep_unless_stopped(self.kafka_backoff.next_delay(), shutdown, heartbeat).await;
-        } else {
-            self.kafka_backoff.reset();
+        SettleReport {
+            n_marked,
+            n_retried: retried.len(),
+            n_poisoned: poisoned.len(),
+            n_transient: report.n_transient,
         }
     }
-}
 
-/// Applies `POSTHORN_ON_POISON` to rows Kafka will never accept. Returns the rows to mark
-/// failed, with the reason. With a dead-letter topic, a row is marked failed only once the
-/// dead-letter topic has it (without its payload if that is what made it too large); a row that
-/// could not be dead-lettered joins `retry` instead.
-async fn settle_poison(
-    rows: &[OutboxRow],
-    poisoned: Vec<(i64, String)>,
-    publisher: &mut Option<Publisher>,
-    config: &Config,
-    retry: &mut Vec<(i64, String)>,
-) -> Vec<(i64, String)> {
-    let dead_letter_topic = match (&config.dead_letter_topic, config.on_poison) {
-        (Some(topic), PoisonPolicy::DeadLetter) if !poisoned.is_empty() => topic.as_str(),
-        _ => {
-            for (outbox_id, reason) in &poisoned {
-                events::RowPoisoned {
-                    outbox_id: *outbox_id,
-                    reason,
-                    policy: config.on_poison,
-                    dead_letter_topic: None,
+    async fn sleep_unless_stopped(&self, delay: Duration, shutdown: &mut Shutdown) {
+        self.heartbeat
+            .during(async {
+                tokio::select! {
+                    _ = shutdown.triggered() => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                .emit();
-            }
-            return poisoned;
-        }
-    };
-    let mut pending: Vec<(&OutboxRow, &str)> = poisoned
-        .iter()
-        .filter_map(|(id, reason)| {
-            rows.iter()
-                .find(|r| r.id == *id)
-                .map(|r| (r, reason.as_str()))
-        })
-        .collect();
-    let mut failed = Vec::new();
-    for payload in [DeadLetterPayload::Keep, DeadLetterPayload::Omit] {
-        if pending.is_empty() {
-            break;
-        }
-        ensure_usable_producer(publisher, config).await;
-        let Some(producer) = publisher.as_ref() else {
-            break;
-        };
-        let results = producer
-            .dead_letter(&pending, dead_letter_topic, payload)
+            })
             .await;
-        let mut too_large = Vec::new();
-        for ((row, reason), result) in pending.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    events::RowPoisoned {
-                        outbox_id: row.id,
-                        reason,
-                        policy: config.on_poison,
-                        dead_letter_topic: Some(dead_letter_topic),
-                    }
-                    .emit();
-                    failed.push((
-                        row.id,
-                        format!("{reason} (dead-lettered to {dead_letter_topic})"),
-                    ));
-                }
-                Err(err) if err.too_large && payload == DeadLetterPayload::Keep => {
-                    too_large.push((row, reason));
-                }
-                Err(err) => retry.push((
-                    row.id,
-                    format!(
-                        "{reason}; publishing to the dead-letter topic failed: {}",
-                        err.message
-                    ),
-                )),
-            }
-        }
-        pending = too_large;
-    }
-    retry.extend(pending.into_iter().map(|(row, reason)| {
-        (
-            row.id,
-            format!("{reason}; not yet dead-lettered: no usable producer"),
-        )
-    }));
-    failed
-}
-
-/// Replaces a producer that a fatal error stopped (or creates one if there is none).
-async fn ensure_usable_producer(publisher: &mut Option<Publisher>, config: &Config) {
-    if let Some(reason) = publisher.as_ref().and_then(Publisher::fatal_error) {
-        if let Some(old) = publisher.take() {
-            old.close().await;
-        }
-        events::ProducerReplaced { reason: &reason }.emit();
-    }
-    if publisher.is_none() {
-        *publisher = Publisher::idempotent(&config.kafka, &config.topic_template).ok();
     }
 }
 
-/// Marks the batch waiting in `acked` (acknowledged in full), if there is one, and reports it.
-/// `acked` is emptied only once the mark returned, so a mark cut short by a stop signal is made
-/// again before the relay stops.
-async fn mark_acked(
-    outbox: &Outbox,
-    acked: &mut Option<Acked>,
-    stats: &mut RelayStats,
-    shutdown: &Shutdown,
-    heartbeat: &Heartbeat,
-) {
-    let Some(batch) = acked.as_ref() else {
-        return;
-    };
-    let started = Instant::now();
-    let n_marked = mark(outbox, &batch.deliverable, batch.epoch, shutdown, heartbeat).await;
-    let mark_elapsed = started.elapsed();
-    stats.n_published += n_marked;
-    events::BatchPublished {
-        n_rows: batch.n_rows,
-        n_marked,
-        n_failed: 0,
-        n_held: 0,
-        n_transient: 0,
-        n_suspect: 0,
-        n_poisoned: 0,
-        read: batch.read,
-        publish: batch.publish,
-        mark: mark_elapsed,
-        elapsed: batch.started.elapsed(),
+impl Running<'_> {
+    fn any(&self) -> bool {
+        self.publishing.is_running()
+            || self.marking.is_running()
+            || self.reading.is_running()
+            || self.waiting.is_running()
     }
-    .emit();
-    *acked = None;
 }
 
 /// Marks acknowledged rows, retrying while Postgres is unavailable. A row that stays unmarked
@@ -685,13 +612,34 @@ async fn mark(
     }
 }
 
-async fn sleep_unless_stopped(delay: Duration, shutdown: &mut Shutdown, heartbeat: &Heartbeat) {
-    heartbeat
-        .during(async {
-            tokio::select! {
-                _ = shutdown.triggered() => {}
-                _ = tokio::time::sleep(delay) => {}
-            }
-        })
-        .await;
+/// A future the loop may be running: polled only through [`Task::done`], which never resolves
+/// while there is none.
+struct Task<'a, T>(Option<Pin<Box<dyn Future<Output = T> + Send + 'a>>>);
+
+impl<'a, T> Task<'a, T> {
+    fn none() -> Self {
+        Task(None)
+    }
+
+    fn start(&mut self, future: impl Future<Output = T> + Send + 'a) {
+        debug_assert!(self.0.is_none(), "one at a time");
+        self.0 = Some(Box::pin(future));
+    }
+
+    fn is_running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn cancel(&mut self) {
+        self.0 = None;
+    }
+
+    async fn done(&mut self) -> T {
+        let output = match self.0.as_mut() {
+            Some(future) => future.await,
+            None => std::future::pending().await,
+        };
+        self.0 = None;
+        output
+    }
 }
