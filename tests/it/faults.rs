@@ -108,8 +108,16 @@ async fn every_broker_down_mid_batch_then_up_again_loses_nothing_and_keeps_key_o
         f.mock.broker_down(broker).expect("broker down");
     }
     let during = delivered(&f.db).await;
-    // Writers go on committing while no broker answers; the relay holds its batch.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Writers go on committing while no broker answers; the relay holds its batch. Wait until
+    // every row is committed and rows enough for several batches wait for the relay: one that
+    // went on marking through the outage would have taken them.
+    let n_total = (N_KEYS * N_PER_KEY) as i64;
+    wait_until(
+        Duration::from_secs(60),
+        "every row committed, 150 of them waiting for the relay, with every broker down",
+        || async { committed(&f.db).await == n_total && n_total - delivered(&f.db).await >= 150 },
+    )
+    .await;
     let after_outage = delivered(&f.db).await;
     assert!(
         after_outage - during <= 100,
@@ -120,7 +128,9 @@ async fn every_broker_down_mid_batch_then_up_again_loses_nothing_and_keeps_key_o
         f.mock.broker_up(broker).expect("broker up");
     }
     let duplicates = finish(&f, relay, writers).await;
-    println!("brokers down for 3 s: 0 lost, order kept, {duplicates} duplicates");
+    println!(
+        "every broker down while writers committed: 0 lost, order kept, {duplicates} duplicates"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -152,4 +162,12 @@ async fn a_fatal_producer_error_mid_stream_is_survived_by_replacing_the_producer
     println!(
         "fatal producer error: {n_failed_attempts} rows retried after it, 0 lost, order kept, {duplicates} duplicates"
     );
+}
+
+/// Rows committed so far.
+async fn committed(db: &crate::support::TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count rows")
 }

@@ -124,6 +124,69 @@ async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka(
     }
 }
 
+/// SIGTERM drains: the relay stops reading, waits for the batches in flight and marks every
+/// row Kafka acknowledged before it exits. Marks are held back (a transaction locks the rows;
+/// reads do not wait for it) until the signal has arrived, so each acknowledged row is still
+/// unmarked then: only the drain can mark it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_marks_every_acknowledged_row_before_exiting() {
+    let db = TestDb::create("sigterm_drain").await;
+    let topic = unique("it-sigterm-drain");
+    create_topic(&topic, 2).await;
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT $1, 'k' || (g % 10), 'Bulk', jsonb_build_object('n', g) \
+         FROM generate_series(1, 500) g",
+    )
+    .bind(&topic)
+    .execute(&db.pool)
+    .await
+    .expect("bulk insert");
+    let mut locks = db.pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM outbox FOR UPDATE")
+        .fetch_all(&mut *locks)
+        .await
+        .expect("lock the rows");
+    let log = relay_log_path("sigterm-drain");
+    let mut relay =
+        RelayProcess::spawn(&env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "100")]), &log);
+    let in_kafka = read_topic(&topic, 100, Duration::from_secs(60)).await;
+    assert_eq!(delivered(&db).await, 0, "the marks wait for the locks");
+
+    relay.signal("TERM");
+    wait_until(Duration::from_secs(30), "the relay has the signal", || {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        std::future::ready(log.contains("Stopping: no new reads"))
+    })
+    .await;
+    locks.commit().await.expect("release the rows");
+    let status = relay.wait(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "SIGTERM exits with status 0, got {status}"
+    );
+
+    let in_kafka_at_exit = read_topic(&topic, in_kafka.len(), Duration::from_secs(30)).await;
+    let marked: HashSet<i64> = sqlx::query_scalar(
+        "SELECT (payload->>'n')::bigint FROM outbox WHERE delivered_at IS NOT NULL",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("marked rows")
+    .into_iter()
+    .collect();
+    for record in &in_kafka_at_exit {
+        let n = record.value_json()["n"].as_i64().expect("n");
+        assert!(
+            marked.contains(&n),
+            "row n={n} is in Kafka but was not marked before the relay exited \
+             ({} of {} marked)",
+            marked.len(),
+            in_kafka_at_exit.len()
+        );
+    }
+}
+
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
         .iter()

@@ -38,7 +38,13 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
     )
     .await;
     broker.kill(0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Survival means something only once the relay has met the outage.
+    wait_until(
+        Duration::from_secs(30),
+        "the relay sees the broker gone",
+        || std::future::ready(log_says(&log, "Kafka is failing")),
+    )
+    .await;
     assert!(
         relay.child.try_wait().expect("poll").is_none(),
         "the relay survives the outage"
@@ -110,7 +116,13 @@ async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
         assert!(status.success(), "{restart} {action} failed");
     };
     run("stop -m immediate");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Survival means something only once the relay has met the outage.
+    wait_until(
+        Duration::from_secs(30),
+        "the relay sees Postgres gone",
+        || std::future::ready(log_says(&log, "Postgres is failing")),
+    )
+    .await;
     assert!(
         relay.child.try_wait().expect("poll").is_none(),
         "the relay survives the outage"
@@ -204,4 +216,9 @@ async fn a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_produce
         (201..=400).collect(),
         "the new broker has every row written after it came back"
     );
+}
+
+/// Whether the relay's log has a line containing `text` yet.
+fn log_says(log: &std::path::Path, text: &str) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|log| log.contains(text))
 }
