@@ -16,7 +16,7 @@ use crate::row::{Failure, OutboxRow, Poison};
 
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Kafka acknowledged the record.
     Acked,
     /// Publishing failed for a reason that may pass; the error is recorded on the row and it is
@@ -56,11 +56,11 @@ impl Deliverable {
 pub struct Settled {
     pub deliverable: Deliverable,
     /// Rows whose attempt failed, with the error: recorded on the row, retried later.
-    pub failed: Vec<(i64, Failure)>,
+    pub(crate) failed: Vec<(i64, Failure)>,
     /// Rows Kafka will never accept, with the reason: marked failed.
-    pub poisoned: Vec<(i64, Poison)>,
+    pub(crate) poisoned: Vec<(i64, Poison)>,
     /// Rows held back behind an earlier failure or left unacknowledged.
-    pub n_held: usize,
+    pub(crate) n_held: usize,
 }
 
 /// Collects outcomes for one batch, rows in id order.
@@ -85,16 +85,16 @@ impl<'a> Tracker<'a> {
     }
 
     /// Whether row `i` may be sent: no earlier row of its aggregate failed in this batch.
-    pub fn may_send(&self, i: usize) -> bool {
+    pub(crate) fn may_send(&self, i: usize) -> bool {
         !self.blocked.contains(&self.rows[i].aggregate())
     }
 
     /// Whether row `i` has an outcome yet.
-    pub fn is_settled(&self, i: usize) -> bool {
+    pub(crate) fn is_settled(&self, i: usize) -> bool {
         self.outcomes[i].is_some()
     }
 
-    pub fn withhold(&mut self, i: usize) {
+    pub(crate) fn withhold(&mut self, i: usize) {
         self.outcomes[i] = Some(Outcome::Withheld);
     }
 
@@ -103,14 +103,14 @@ impl<'a> Tracker<'a> {
     }
 
     /// Row `i` failed: record why, and hold back the later rows of its aggregate.
-    pub fn fail(&mut self, i: usize, error: Failure) {
+    pub(crate) fn fail(&mut self, i: usize, error: Failure) {
         self.blocked.insert(self.rows[i].aggregate());
         self.outcomes[i] = Some(Outcome::Failed(error));
     }
 
     /// Row `i` can never be published. Under `halt-key` its aggregate's later rows are held
     /// back; under `dead-letter` they go on.
-    pub fn poison(&mut self, i: usize, reason: Poison) {
+    pub(crate) fn poison(&mut self, i: usize, reason: Poison) {
         if self.policy == PoisonPolicy::HaltKey {
             self.blocked.insert(self.rows[i].aggregate());
         }

@@ -15,8 +15,9 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 
 use crate::events;
-use crate::health::{Heartbeat, Liveness, Readiness};
+use crate::heartbeat::{Heartbeat, Liveness};
 use crate::metrics;
+use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 
 /// What the handlers read.

@@ -12,7 +12,7 @@
 //! - [`relay`]: the loop that ties them together.
 //! - [`migrate`]: the outbox schema, applied by `posthorn migrate`.
 //! - [`sidecar`]: `posthorn run` as deployed: the relay plus [`http`] (`/metrics`, `/healthz`,
-//!   `/readyz`), [`health`], [`backlog`] and [`retention`], stopped together.
+//!   `/readyz`), [`heartbeat`], [`readiness`], [`backlog`] and [`retention`], stopped together.
 //! - [`cli`], [`events`] (with [`outage`]: dependency failures logged as state changes),
 //!   [`metrics`], [`retry`], [`shutdown`]: the edges; [`tcp_nodelay`]: a
 //!   workaround for sqlx 0.9.0.
@@ -20,24 +20,25 @@
 //! See ARCHITECTURE.md for the invariants.
 
 pub mod acks;
-pub mod backlog;
+pub(crate) mod backlog;
 pub mod cli;
 pub mod config;
-pub mod events;
-pub mod health;
-pub mod http;
+pub(crate) mod events;
+pub(crate) mod heartbeat;
+pub(crate) mod http;
 pub mod lease;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod migrate;
 pub mod outage;
 pub mod outbox;
 pub mod publisher;
+pub(crate) mod readiness;
 pub mod relay;
 pub mod retention;
-pub mod retry;
+pub(crate) mod retry;
 pub(crate) mod row;
 pub mod shutdown;
-pub mod sidecar;
+pub(crate) mod sidecar;
 
 /// `TCP_NODELAY` on Postgres connections (sqlx 0.9.0 sets none), shared with services through
 /// `posthorn-writer`.

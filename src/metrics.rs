@@ -225,11 +225,6 @@ pub fn rows_delivered_total() -> u64 {
     METRICS.rows_delivered.get()
 }
 
-/// Reads that found a row below the rows already sent, since the process started.
-pub fn read_restarts_total() -> u64 {
-    METRICS.read_restarts.get()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! by one [`Shutdown`]:
 //!
 //! - the HTTP endpoints (`http`): `/metrics`, `/healthz`, `/readyz`;
-//! - the readiness probes (`health::probe_readiness`) and the backlog gauges (`backlog`);
+//! - the readiness probes (`readiness::probe_readiness`) and the backlog gauges (`backlog`);
 //! - retention (`retention`), unless `POSTHORN_RETENTION=off`.
 //!
 //! The background tasks share a small pool of their own, so the relay's connections are never
@@ -15,9 +15,10 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::events;
-use crate::health::{self, Heartbeat, Readiness};
+use crate::heartbeat::Heartbeat;
 use crate::outbox::Outbox;
 use crate::publisher::KafkaProbe;
+use crate::readiness::{self, Readiness};
 use crate::relay::{self, RelayError, RelayStats};
 use crate::shutdown::Shutdown;
 use crate::{backlog, http, retention};
@@ -49,7 +50,7 @@ pub async fn run(
             events::HttpFailed { error: &error }.emit();
         }
     });
-    tasks.spawn(health::probe_readiness(
+    tasks.spawn(readiness::probe_readiness(
         background.clone(),
         kafka_probe,
         readiness,

@@ -14,7 +14,7 @@ use super::Outbox;
 
 impl Outbox {
     /// Starts the task that LISTENs on the outbox's channel and wakes the relay.
-    pub fn spawn_listener(&self, shutdown: Shutdown) -> Wakeups {
+    pub(crate) fn spawn_listener(&self, shutdown: Shutdown) -> Wakeups {
         let notify = Arc::new(Notify::new());
         let task = tokio::spawn(listen(
             self.pool.clone(),
@@ -28,14 +28,14 @@ impl Outbox {
 
 /// Wake-ups from the listener task. Any number of notifications between two waits collapse into
 /// one wake-up (`Notify` keeps at most one permit), so a burst of commits costs one read.
-pub struct Wakeups {
+pub(crate) struct Wakeups {
     notify: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
 impl Wakeups {
     /// Resolves when a notification (or a listener reconnect) arrived since the last call.
-    pub async fn notified(&self) {
+    pub(crate) async fn notified(&self) {
         self.notify.notified().await
     }
 }

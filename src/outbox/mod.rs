@@ -21,10 +21,8 @@ use crate::config::{Config, DatabaseConfig, OutboxTable, PoisonPolicy};
 
 /// The row type lives on the ground floor (`row`); re-exported here, where it is read.
 pub use crate::row::{OutboxRow, Payload};
-pub use listen::Wakeups;
-pub use operator_sql::{
-    Backlog, ErrorCount, LastDelivered, OldestPending, Redelivery, Requeued, Status,
-};
+pub(crate) use listen::Wakeups;
+pub(crate) use operator_sql::{Backlog, Redelivery, Requeued, Status};
 pub use relay_sql::ReadPast;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +43,17 @@ impl OutboxError {
 
     /// Whether the outbox table (or its schema, or a column a later migration adds) is missing:
     /// the database is reachable but not migrated.
-    pub fn is_undefined_table(&self) -> bool {
+    pub(crate) fn is_undefined_table(&self) -> bool {
         matches!(self.sqlstate().as_deref(), Some("42P01") | Some("3F000"))
     }
 
     /// Whether a column posthorn needs is missing: the table predates a migration.
-    pub fn is_undefined_column(&self) -> bool {
+    pub(crate) fn is_undefined_column(&self) -> bool {
         self.sqlstate().as_deref() == Some("42703")
     }
 
     /// Whether Postgres itself answered (with an error), as opposed to not being reached.
-    pub fn is_from_server(&self) -> bool {
+    pub(crate) fn is_from_server(&self) -> bool {
         self.sqlstate().is_some()
     }
 
@@ -176,10 +174,6 @@ impl Outbox {
             )
             .into(),
         }
-    }
-
-    pub fn table(&self) -> &OutboxTable {
-        &self.table
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -11,7 +11,7 @@ use super::{Outbox, OutboxError};
 
 impl Outbox {
     /// Counts for `check`: (pending, delivered, failed) rows.
-    pub async fn counts(&self) -> Result<(i64, i64, i64), OutboxError> {
+    pub(crate) async fn counts(&self) -> Result<(i64, i64, i64), OutboxError> {
         let sql = format!(
             "SELECT count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NULL), \
                     count(*) FILTER (WHERE delivered_at IS NOT NULL), \
@@ -25,7 +25,7 @@ impl Outbox {
     }
 
     /// The server's version string, for `check`.
-    pub async fn server_version(&self) -> Result<String, OutboxError> {
+    pub(crate) async fn server_version(&self) -> Result<String, OutboxError> {
         sqlx::query_scalar("SHOW server_version")
             .fetch_one(&self.pool)
             .await
@@ -35,7 +35,7 @@ impl Outbox {
     /// The numbers behind the backlog gauges. Each probe reads a partial index: the pending
     /// ones `outbox_pending_idx` (so they cost the pending rows, not the table), the failed
     /// count `outbox_failed_idx`.
-    pub async fn backlog(&self) -> Result<Backlog, OutboxError> {
+    pub(crate) async fn backlog(&self) -> Result<Backlog, OutboxError> {
         let t = self.table.qualified();
         let sql = format!(
             "SELECT (SELECT count(*) FROM {t} WHERE delivered_at IS NULL AND failed_at IS NULL), \
@@ -57,7 +57,7 @@ impl Outbox {
 
     /// Proves Postgres answers and the table has every column posthorn uses, reading no row:
     /// the readiness probe.
-    pub async fn probe_schema(&self) -> Result<(), OutboxError> {
+    pub(crate) async fn probe_schema(&self) -> Result<(), OutboxError> {
         let sql = format!(
             "SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, \
                     headers, created_at, delivered_at, attempts, last_error, last_attempt_at, \
@@ -73,7 +73,7 @@ impl Outbox {
     }
 
     /// What `posthorn status` shows. The counts scan the table once; the rest reads indexes.
-    pub async fn status(&self, n_top_errors: i64) -> Result<Status, OutboxError> {
+    pub(crate) async fn status(&self, n_top_errors: i64) -> Result<Status, OutboxError> {
         let t = self.table.qualified();
         let counts = format!(
             "SELECT count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NULL), \
@@ -146,7 +146,10 @@ impl Outbox {
     }
 
     /// How many rows [`Outbox::redeliver`] would re-queue, changing nothing.
-    pub async fn count_redeliverable(&self, which: &Redelivery) -> Result<Requeued, OutboxError> {
+    pub(crate) async fn count_redeliverable(
+        &self,
+        which: &Redelivery,
+    ) -> Result<Requeued, OutboxError> {
         let sql = format!(
             "SELECT count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NOT NULL), \
                     count(*) FILTER (WHERE delivered_at IS NOT NULL), \
@@ -171,7 +174,7 @@ impl Outbox {
     /// `last_error` are kept, as history), delivered rows get `delivered_at = NULL`, so they are
     /// published again (duplicates, by design). Pending rows are left as they are. Wakes the
     /// relay in the same transaction.
-    pub async fn redeliver(&self, which: &Redelivery) -> Result<Requeued, OutboxError> {
+    pub(crate) async fn redeliver(&self, which: &Redelivery) -> Result<Requeued, OutboxError> {
         let t = self.table.qualified();
         let sql = format!(
             "WITH selected AS ( \
@@ -212,7 +215,7 @@ impl Outbox {
     /// Deletes up to `limit` rows delivered more than `older_than` ago, oldest delivery first,
     /// in one short transaction that waits at most 5 s for a lock. Failed rows are never
     /// deleted. Returns how many rows it deleted.
-    pub async fn delete_delivered(
+    pub(crate) async fn delete_delivered(
         &self,
         older_than: Duration,
         limit: i64,
@@ -249,55 +252,55 @@ impl Outbox {
 
 /// What the backlog gauges show.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backlog {
+pub(crate) struct Backlog {
     /// Rows neither delivered nor failed.
-    pub n_pending: i64,
+    pub(crate) n_pending: i64,
     /// Age of the oldest pending row by Postgres' clock; zero when none is pending.
-    pub oldest_pending_age: Duration,
+    pub(crate) oldest_pending_age: Duration,
     /// Rows set aside as failed, waiting for an operator.
-    pub n_failed: i64,
+    pub(crate) n_failed: i64,
 }
 
 /// What `posthorn status` shows.
 #[derive(Debug, Clone)]
-pub struct Status {
-    pub n_pending: i64,
+pub(crate) struct Status {
+    pub(crate) n_pending: i64,
     /// Pending rows with at least one failed attempt.
-    pub n_retrying: i64,
+    pub(crate) n_retrying: i64,
     /// Delivered rows still in the table (retention deletes older ones).
-    pub n_delivered: i64,
-    pub n_failed: i64,
-    pub oldest_pending: Option<OldestPending>,
-    pub last_delivered: Option<LastDelivered>,
+    pub(crate) n_delivered: i64,
+    pub(crate) n_failed: i64,
+    pub(crate) oldest_pending: Option<OldestPending>,
+    pub(crate) last_delivered: Option<LastDelivered>,
     /// Failed rows per `last_error`, most frequent first.
-    pub failed_by_error: Vec<ErrorCount>,
+    pub(crate) failed_by_error: Vec<ErrorCount>,
 }
 
 #[derive(Debug, Clone)]
-pub struct OldestPending {
-    pub id: i64,
-    pub age: Duration,
-    pub attempts: i32,
-    pub last_error: Option<String>,
+pub(crate) struct OldestPending {
+    pub(crate) id: i64,
+    pub(crate) age: Duration,
+    pub(crate) attempts: i32,
+    pub(crate) last_error: Option<String>,
 }
 
 #[derive(Debug, Clone)]
-pub struct LastDelivered {
-    pub id: i64,
+pub(crate) struct LastDelivered {
+    pub(crate) id: i64,
     /// Microseconds since the Unix epoch.
-    pub delivered_at_us: i64,
-    pub age: Duration,
+    pub(crate) delivered_at_us: i64,
+    pub(crate) age: Duration,
 }
 
 #[derive(Debug, Clone)]
-pub struct ErrorCount {
-    pub error: String,
-    pub n_rows: i64,
+pub(crate) struct ErrorCount {
+    pub(crate) error: String,
+    pub(crate) n_rows: i64,
 }
 
 /// Which rows `posthorn redeliver` re-queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Redelivery {
+pub(crate) enum Redelivery {
     /// Every failed row.
     Failed,
     /// Rows with ids `from..=to`: the failed and the delivered ones.
@@ -330,17 +333,17 @@ impl Redelivery {
 
 /// Rows a re-queue changed (or would change), by what they were.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Requeued {
+pub(crate) struct Requeued {
     /// Failed rows, now pending again.
-    pub n_failed: i64,
+    pub(crate) n_failed: i64,
     /// Delivered rows, now pending again: they are published a second time.
-    pub n_delivered: i64,
+    pub(crate) n_delivered: i64,
     /// Selected rows that were pending already, left as they were.
-    pub n_already_pending: i64,
+    pub(crate) n_already_pending: i64,
 }
 
 impl Requeued {
-    pub fn n_changed(&self) -> i64 {
+    pub(crate) fn n_changed(&self) -> i64 {
         self.n_failed + self.n_delivered
     }
 }

@@ -83,7 +83,10 @@ impl Outbox {
     /// Records one failed attempt per row, with its error, in one statement. The rows stay
     /// Records one failed attempt per row, with its error, in one statement. The rows stay
     /// pending and are read again.
-    pub async fn record_failures(&self, failures: &[(i64, Failure)]) -> Result<(), OutboxError> {
+    pub(crate) async fn record_failures(
+        &self,
+        failures: &[(i64, Failure)],
+    ) -> Result<(), OutboxError> {
         if failures.is_empty() {
             return Ok(());
         }
@@ -100,7 +103,7 @@ impl Outbox {
     /// Marks rows Kafka will never accept as failed (`failed_at`), with the reason, in one
     /// statement, if `epoch` still holds the lease. They are not read again until an operator
     /// re-queues them.
-    pub async fn mark_failed(
+    pub(crate) async fn mark_failed(
         &self,
         rows: &[(i64, Poisoned)],
         epoch: i64,

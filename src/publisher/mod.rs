@@ -31,9 +31,9 @@ use client::{KafkaClient, PolledProducer};
 use record::Record;
 use verdict::{record_failure, settle};
 
-pub use probe::KafkaProbe;
-pub use record::DeadLetterPayload;
-pub use verdict::{DeadLetterError, FatalError, PublishReport};
+pub(crate) use probe::KafkaProbe;
+pub(crate) use record::DeadLetterPayload;
+pub(crate) use verdict::{DeadLetterError, FatalError, PublishReport};
 
 /// Header names posthorn sets on every record; a row's own `headers` may not use them.
 /// (`content-type` is set on records with a value: tombstones have none.) One list for the
@@ -79,7 +79,7 @@ pub enum PublisherError {
 }
 
 /// The idempotent producer and the rules that turn a row into a record.
-pub struct Publisher {
+pub(crate) struct Publisher {
     producer: PolledProducer,
     topic_template: TopicTemplate,
     brokers: String,
@@ -87,14 +87,14 @@ pub struct Publisher {
 
 /// What the broker told `check`.
 #[derive(Debug)]
-pub struct ClusterInfo {
-    pub brokers: Vec<String>,
-    pub n_topics: usize,
+pub(crate) struct ClusterInfo {
+    pub(crate) brokers: Vec<String>,
+    pub(crate) n_topics: usize,
 }
 
 impl Publisher {
     /// An idempotent producer with posthorn's defaults and the user's properties.
-    pub fn idempotent(
+    pub(crate) fn idempotent(
         kafka: &KafkaConfig,
         topic_template: &TopicTemplate,
     ) -> Result<Publisher, PublisherError> {
@@ -103,7 +103,7 @@ impl Publisher {
 
     /// The relay's producer as `posthorn check` uses it (same settings, so the check refuses
     /// what the relay would), whose client errors are not logged: the check prints a verdict.
-    pub fn idempotent_for_check(
+    pub(crate) fn idempotent_for_check(
         kafka: &KafkaConfig,
         topic_template: &TopicTemplate,
     ) -> Result<Publisher, PublisherError> {
@@ -130,7 +130,7 @@ impl Publisher {
     /// a deposed leader must not write). If no acknowledgement arrives for `ack_stall`, the
     /// records are purged (they fail, and the relay replaces the producer): a producer whose
     /// state the broker lost (a broker restarted empty) never recovers by itself.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         rows: &[OutboxRow],
         tracker: &mut Tracker<'_>,
@@ -283,7 +283,7 @@ impl Publisher {
 
     /// Publishes poison rows to the dead-letter topic (`record::dead_letter_record`), one at a
     /// time. Returns, per row, whether it got there.
-    pub async fn dead_letter(
+    pub(crate) async fn dead_letter(
         &self,
         rows: &[(&OutboxRow, Poison)],
         topic: &str,
@@ -320,7 +320,7 @@ impl Publisher {
     /// broker connection is up: connecting at once makes the id ready ~0.5 s after creation
     /// instead of ~1 s, which the first batch would otherwise wait for. A failure here is only
     /// a lost head start: sending reports the real error.
-    pub fn connect_early(&self) {
+    pub(crate) fn connect_early(&self) {
         let producer = self.producer.producer.clone();
         tokio::task::spawn_blocking(move || {
             let _ = probe::brokers_only_metadata(producer.client(), Duration::from_secs(10));
@@ -328,7 +328,10 @@ impl Publisher {
     }
 
     /// Asks the cluster for its metadata (brokers, topics), as `check` does.
-    pub async fn cluster_info(&self, timeout: Duration) -> Result<ClusterInfo, PublisherError> {
+    pub(crate) async fn cluster_info(
+        &self,
+        timeout: Duration,
+    ) -> Result<ClusterInfo, PublisherError> {
         let producer = self.producer.producer.clone();
         let metadata = tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(None, timeout).map(|m| {
@@ -355,7 +358,7 @@ impl Publisher {
     }
 
     /// The fatal error that stopped this producer, if one did: it must be replaced.
-    pub fn fatal_error(&self) -> Option<FatalError> {
+    pub(crate) fn fatal_error(&self) -> Option<FatalError> {
         self.producer
             .client()
             .fatal_error()
@@ -364,7 +367,7 @@ impl Publisher {
 
     /// Stops the producer: what it still holds is purged (never sent), and librdkafka's
     /// destructor runs on the polling thread, off the async runtime.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         drop(self);
     }
 }

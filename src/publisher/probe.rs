@@ -16,14 +16,14 @@ use super::{creation_error, PublisherError};
 
 /// A light Kafka client of its own that answers "does a broker answer?" for `/readyz`, without
 /// touching the relay's producer.
-pub struct KafkaProbe {
+pub(crate) struct KafkaProbe {
     client: Arc<AdminClient<KafkaClient>>,
     brokers: String,
 }
 
 impl KafkaProbe {
     /// Connects with the user's properties (security, SASL) but none of the producer's.
-    pub fn new(kafka: &KafkaConfig) -> Result<KafkaProbe, PublisherError> {
+    pub(crate) fn new(kafka: &KafkaConfig) -> Result<KafkaProbe, PublisherError> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &kafka.brokers);
         for (k, v) in &kafka.properties {
@@ -41,7 +41,7 @@ impl KafkaProbe {
 
     /// Asks a broker for the cluster's brokers (no topics: cheap on clusters with thousands of
     /// them), waiting at most `timeout`. Returns how many brokers the cluster has.
-    pub async fn check(&self, timeout: Duration) -> Result<usize, PublisherError> {
+    pub(crate) async fn check(&self, timeout: Duration) -> Result<usize, PublisherError> {
         let client = self.client.clone();
         let metadata =
             tokio::task::spawn_blocking(move || brokers_only_metadata(client.inner(), timeout))

@@ -12,7 +12,7 @@ use crate::row::{OutboxRow, Payload, Poison};
 
 /// Whether a dead-letter record carries the row's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterPayload {
+pub(crate) enum DeadLetterPayload {
     Keep,
     /// Without it (header `posthorn-payload-omitted: true`): the payload made it too large.
     Omit,

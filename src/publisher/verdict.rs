@@ -17,13 +17,13 @@ pub(super) type Sent = (usize, String, Report);
 
 /// What went wrong in a batch, beyond each row's outcome.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PublishReport {
+pub(crate) struct PublishReport {
     /// Records Kafka failed for reasons that may pass (including a fatal producer error): the
     /// producer must be replaced before the next batch.
-    pub n_transient: usize,
+    pub(crate) n_transient: usize,
     /// Records failed by a rejection of their whole record batch (too large, invalid): one of
     /// the batch's rows is poison, but which is known only once each is sent alone.
-    pub n_suspect: usize,
+    pub(crate) n_suspect: usize,
 }
 
 impl PublishReport {
@@ -128,7 +128,7 @@ fn classify(code: Option<RDKafkaErrorCode>, scope: Scope) -> Verdict {
 
 /// Why a row did not reach the dead-letter topic; librdkafka's description.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeadLetterError {
+pub(crate) enum DeadLetterError {
     /// The record was refused as too large: try again without the payload.
     TooLarge(String),
     Refused(String),
@@ -154,7 +154,7 @@ impl DeadLetterError {
 
 /// The fatal error that stopped a producer: it must be replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FatalError {
+pub(crate) struct FatalError {
     code: RDKafkaErrorCode,
     reason: String,
 }

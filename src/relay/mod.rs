@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use crate::acks::{Deliverable, Tracker};
 use crate::config::{Config, ConfigError};
 use crate::events;
-use crate::health::Heartbeat;
+use crate::heartbeat::Heartbeat;
 use crate::lease::{Keeper, Lease, LeaseWatch};
 use crate::outbox::{Outbox, OutboxError, ReadPast, Wakeups};
 use crate::publisher::PublisherError;
@@ -81,7 +81,7 @@ pub async fn run(config: &Config, shutdown: Shutdown) -> Result<RelayStats, Rela
 
 /// [`run`], beating `heartbeat` at every event and while it legitimately waits (for the lease,
 /// for rows, for the broker, in a backoff), so `/healthz` can tell a wedged loop.
-pub async fn run_with_heartbeat(
+pub(crate) async fn run_with_heartbeat(
     config: &Config,
     mut shutdown: Shutdown,
     heartbeat: &Heartbeat,
@@ -290,7 +290,8 @@ impl<'a> Relay<'a> {
             next = match next {
                 Next::Start(work) => match self.start(work, state, running, epoch, shutdown) {
                     Ok(()) => Next::Wait,
-                    Err((work, error)) => {
+                    Err(failed) => {
+                        let (work, error) = *failed;
                         let retry_in = state.pipeline.no_producer(work);
                         events::ProducerCreateFailed {
                             error: &error,
@@ -356,11 +357,11 @@ impl<'a> Relay<'a> {
         running: &mut Running<'a>,
         epoch: i64,
         shutdown: &Shutdown,
-    ) -> Result<(), (Work, PublisherError)> {
+    ) -> Result<(), Box<(Work, PublisherError)>> {
         let producer = match &work.publish {
             Some(_) => match state.producer.get() {
                 Ok(producer) => Some(producer),
-                Err(err) => return Err((work, err)),
+                Err(err) => return Err(Box::new((work, err))),
             },
             None => None,
         };

@@ -1,16 +1,8 @@
-//! What `/healthz` and `/readyz` answer, kept current in the background so that a probe never
-//! waits for Postgres or Kafka.
-//!
-//! - Liveness ([`Heartbeat`]): the relay loop beats at every iteration and while it waits (for
-//!   rows, for acknowledgements during a broker outage, out a backoff). A loop stuck anywhere
-//!   else, e.g. in a query that never returns, stops beating, and `/healthz` fails once the last
-//!   beat is older than `POSTHORN_HEALTH_STALL_SECONDS`.
-//! - Readiness ([`Readiness`], [`probe_readiness`]): every few seconds a background task reads
-//!   zero rows of the outbox table (Postgres answers, the table and its columns exist) and asks
-//!   a broker for metadata (Kafka answers), each with a short timeout.
+//! Readiness: what `/readyz` answers, kept current in the background so that a probe never
+//! waits for Postgres or Kafka. Every few seconds a task reads zero rows of the outbox table
+//! (Postgres answers, the table and its columns exist) and asks a broker for metadata (Kafka
+//! answers), each with a short timeout, on connections of its own.
 
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,8 +14,6 @@ use crate::outbox::Outbox;
 use crate::publisher::KafkaProbe;
 use crate::shutdown::Shutdown;
 
-/// How often a waiting relay loop beats.
-const BEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often readiness is checked.
 pub const READINESS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long one readiness check waits for each service.
@@ -36,78 +26,6 @@ const READINESS_STALE: Duration = Duration::from_secs(30);
 /// a record acknowledged by `min.insync.replicas` replicas. Longer than a leader failover after
 /// one broker's crash (its session times out after 9 s by default, then a leader is elected).
 const NOT_ACKNOWLEDGING_AFTER: Duration = Duration::from_secs(15);
-
-/// The relay loop's sign of life. Clones share it.
-#[derive(Clone)]
-pub struct Heartbeat {
-    origin: Instant,
-    /// Milliseconds from `origin` to the last beat.
-    last_beat_ms: Arc<AtomicU64>,
-}
-
-impl Heartbeat {
-    pub fn new() -> Heartbeat {
-        Heartbeat {
-            origin: Instant::now(),
-            last_beat_ms: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// The loop is alive and checking.
-    pub fn beat(&self) {
-        let ms = self.origin.elapsed().as_millis() as u64;
-        self.last_beat_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Time since the last beat.
-    pub fn since_last_beat(&self) -> Duration {
-        let last = Duration::from_millis(self.last_beat_ms.load(Ordering::Relaxed));
-        self.origin.elapsed().saturating_sub(last)
-    }
-
-    /// Runs `wait`, beating every second while it is pending. Only for waits that are
-    /// progress checks in themselves (an idle wait, a backoff, a batch waiting for a broker):
-    /// a query that never returns must not be wrapped, so that it shows as a stall. A blocked
-    /// thread stops the beats too, since they run in the same task.
-    pub async fn during<F: Future>(&self, wait: F) -> F::Output {
-        tokio::pin!(wait);
-        let mut beats = tokio::time::interval(BEAT_INTERVAL);
-        loop {
-            tokio::select! {
-                output = &mut wait => {
-                    self.beat();
-                    return output;
-                }
-                _ = beats.tick() => self.beat(),
-            }
-        }
-    }
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Heartbeat::new()
-    }
-}
-
-/// `/healthz`'s answer.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Liveness {
-    pub alive: bool,
-    pub last_progress_seconds_ago: f64,
-    pub stall_seconds: u64,
-}
-
-impl Liveness {
-    pub fn of(heartbeat: &Heartbeat, stall: Duration) -> Liveness {
-        let since = heartbeat.since_last_beat();
-        Liveness {
-            alive: since <= stall,
-            last_progress_seconds_ago: (since.as_secs_f64() * 10.0).round() / 10.0,
-            stall_seconds: stall.as_secs(),
-        }
-    }
-}
 
 /// The latest readiness check. Clones share it.
 #[derive(Clone, Default)]
@@ -338,32 +256,6 @@ fn report_to_watches(postgres: &str, kafka: &str, n_in_flight: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn liveness_fails_once_the_last_beat_is_older_than_the_stall_time() {
-        let heartbeat = Heartbeat::new();
-        heartbeat.beat();
-        let stall = Duration::from_secs(60);
-        assert!(Liveness::of(&heartbeat, stall).alive);
-        tokio::time::advance(Duration::from_secs(61)).await;
-        let liveness = Liveness::of(&heartbeat, stall);
-        assert!(!liveness.alive);
-        assert!(liveness.last_progress_seconds_ago >= 61.0);
-        heartbeat.beat();
-        assert!(Liveness::of(&heartbeat, stall).alive);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_legitimate_wait_keeps_beating() {
-        let heartbeat = Heartbeat::new();
-        let waited = heartbeat.during(tokio::time::sleep(Duration::from_secs(600)));
-        let probe = async {
-            tokio::time::sleep(Duration::from_secs(300)).await;
-            heartbeat.since_last_beat()
-        };
-        let ((), since) = tokio::join!(waited, probe);
-        assert!(since <= BEAT_INTERVAL, "{since:?}");
-    }
 
     #[test]
     fn records_in_flight_unacknowledged_for_a_while_make_kafka_not_ready() {
