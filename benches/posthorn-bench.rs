@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use posthorn::acks::Tracker;
 use posthorn::config::{OutboxTable, PoisonPolicy};
+use posthorn::contract::{header, RESERVED_HEADERS};
 use posthorn::lease::Lease;
 use posthorn::outbox::{Outbox, ReadPast};
 use rand::Rng;
@@ -531,25 +532,25 @@ async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
         let value = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
         let event_id = uuid::Uuid::new_v4().to_string();
         let outbox_id = seq.to_string();
-        let headers = OwnedHeaders::new_with_capacity(5)
+        let headers = OwnedHeaders::new_with_capacity(RESERVED_HEADERS.len())
             .insert(Header {
-                key: "event-id",
+                key: header::EVENT_ID,
                 value: Some(&event_id),
             })
             .insert(Header {
-                key: "event-type",
+                key: header::EVENT_TYPE,
                 value: Some("BenchEvent"),
             })
             .insert(Header {
-                key: "aggregate-type",
+                key: header::AGGREGATE_TYPE,
                 value: Some("bench"),
             })
             .insert(Header {
-                key: "outbox-id",
+                key: header::OUTBOX_ID,
                 value: Some(&outbox_id),
             })
             .insert(Header {
-                key: "content-type",
+                key: header::CONTENT_TYPE,
                 value: Some("application/json"),
             });
         let mut record = FutureRecord::to(&topic)

@@ -43,3 +43,7 @@ pub(crate) mod sidecar;
 /// `TCP_NODELAY` on Postgres connections (sqlx 0.9.0 sets none), shared with services through
 /// `posthorn-writer`.
 pub use posthorn_writer::tcp_nodelay;
+
+/// The outbox contract's rules (header names, topic names, identifiers), one home shared with
+/// `posthorn-writer`.
+pub use posthorn_writer::contract;

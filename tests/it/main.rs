@@ -2,6 +2,7 @@
 
 mod cluster;
 mod connections;
+mod contract;
 mod cross_client;
 mod delivery;
 mod faults;
