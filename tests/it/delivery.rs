@@ -11,8 +11,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::support::{
-    check_key_order, config, create_aggregates, create_topic, read_topic, spawn_writers, unique,
-    wait_until, RunningRelay, TestDb,
+    check_key_order, config, create_aggregates, create_topic, delivered, read_topic, spawn_writers,
+    unique, wait_until, RunningRelay, TestDb,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -369,6 +369,18 @@ async fn late_commits_during_a_backlog_keep_per_key_order() {
     create_topic(&topic, 4).await;
     let keys: Vec<String> = (0..N_KEYS).map(|k| format!("agg-{k}")).collect();
     create_aggregates(&db.pool, &keys).await;
+    // One row takes its id before the backlog and commits while the relay reads the backlog
+    // past it, whatever the machine's speed: the writers' late commits below need the relay to
+    // have caught up with them, which a slow or busy machine may not do.
+    let mut late_tx = db.pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ($1, 'agg-late', 'Incremented', jsonb_build_object('version', 1))",
+    )
+    .bind(&topic)
+    .execute(&mut *late_tx)
+    .await
+    .expect("the late row");
     // The backlog: versions 1..=100 of every key, committed before the relay starts.
     sqlx::query(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
@@ -420,16 +432,23 @@ async fn late_commits_during_a_backlog_keep_per_key_order() {
                     .await
                     .expect("insert");
                     // Commit late: rows inserted after this one commit first meanwhile.
-                    tokio::time::sleep(Duration::from_millis((j % 5) as u64 * 10)).await;
+                    tokio::time::sleep(Duration::from_millis((j % 5) as u64 * 4)).await;
                     tx.commit().await.expect("commit");
                 }
             })
         })
         .collect();
+    wait_until(
+        Duration::from_secs(60),
+        "the relay is reading the backlog",
+        || async { delivered(&db).await >= 200 },
+    )
+    .await;
+    late_tx.commit().await.expect("commit the late row");
     for w in writers {
         w.await.expect("writer");
     }
-    let n_total = N_KEYS * N_BACKLOG_PER_KEY + N_LIVE;
+    let n_total = N_KEYS * N_BACKLOG_PER_KEY + N_LIVE + 1;
     let (records, stats) = drain_and_read(&db, relay, &topic, n_total).await;
     let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for r in &records {
