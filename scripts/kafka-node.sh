@@ -83,7 +83,8 @@ logger.state.level = WARN
 EOF
 
 "$JAVA" -cp "$CLASSPATH" -Dlog4j2.configurationFile="$dir/log4j2.properties" \
-  kafka.tools.StorageTool format --ignore-formatted -t "$cluster_id" -c "$dir/server.properties" \
+  kafka.tools.StorageTool format --ignore-formatted --cluster-id="$cluster_id" \
+  --config="$dir/server.properties" \
   >>"$dir/format.log" 2>&1 || die "formatting $dir failed: see $dir/format.log"
 
 heap=${POSTHORN_KAFKA_HEAP:-512m}

@@ -221,8 +221,15 @@ impl Drop for KafkaCluster {
 }
 
 /// A cluster id as `kafka-storage random-uuid` makes one: 16 random bytes, base64url without
-/// padding.
+/// padding, never starting with `-` (Kafka's `Uuid.randomUuid` draws again for those: a leading
+/// dash reads as an option on a command line; one made `format -t -...` fail here).
 fn random_cluster_id() -> String {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+    loop {
+        let id =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
 }
