@@ -19,7 +19,7 @@ target/debug/examples/soak --posthorn target/debug/posthorn --rows 20000 --keys 
   --max-kill-interval-ms 800
 # The Go and Python writers (writers/), against the same services and the relay built above;
 # its last line is `writers: N passed, N failed`.
-POSTHORN_BIN=target/debug/posthorn bash scripts/test-writers.sh 2>&1 | tee -a "$log"
+POSTHORN_BIN="$PWD/target/debug/posthorn" bash scripts/test-writers.sh 2>&1 | tee -a "$log"
 # One closing line for the whole run (cargo prints one per test binary, the last being the
 # doc-tests').
 awk '/^test result:/ { p += $4; f += $6 }
