@@ -69,11 +69,9 @@ async fn the_tables_checks_and_the_rust_rules_agree_on_topic_names() {
         ("a b", None),
         ("a/b", None),
         ("ordres-é", None),
-        // FIXME: the table's CHECK (migration 1) lets '.' and '..' in; the enqueue functions
-        // and the relay refuse them (the relay marks such a row failed as poison). A migration
-        // could tighten the CHECK.
-        (".", Some(Accepts)),
-        ("..", Some(Accepts)),
+        // Migration 1's CHECK let these two in; migration 6 refuses them, as the rest do.
+        (".", None),
+        ("..", None),
     ];
     for (topic, check_differs) in cases {
         let rule = verdict(contract::topic_name_problem(topic).is_none());
