@@ -144,10 +144,6 @@ impl Watch {
         self.with_health(|h| h.recovered(now))
     }
 
-    pub fn is_down(&self) -> bool {
-        self.with_health(|h| h.is_down())
-    }
-
     fn with_health<T>(&self, f: impl FnOnce(&mut Health) -> T) -> T {
         let mut health = match self.health.lock() {
             Ok(guard) => guard,
