@@ -455,11 +455,17 @@ async fn retention_deletes_only_delivered_rows_older_than_the_period() {
         },
     )
     .await;
-    let s = scrape_until(addr, "the deletions are counted", |s| {
-        s.value("posthorn_retention_deleted_rows_total", &[]) == Some(7.0)
-    })
+    // The failed-rows gauge comes from the 5 s backlog measurement: wait for one after the
+    // sweep rather than read it once.
+    scrape_until(
+        addr,
+        "the deletions are counted and 2 rows show as failed",
+        |s| {
+            s.value("posthorn_retention_deleted_rows_total", &[]) == Some(7.0)
+                && s.value("posthorn_failed_rows", &[]) == Some(2.0)
+        },
+    )
     .await;
-    assert_eq!(s.value("posthorn_failed_rows", &[]), Some(2.0));
     relay.signal("TERM");
     assert!(relay.wait(Duration::from_secs(30)).await.success());
 
