@@ -45,6 +45,10 @@ fn relay_for(f: &Fixture) -> RunningRelay {
         &[
             ("POSTHORN_KAFKA_BROKERS", &f.mock.bootstrap_servers()),
             ("POSTHORN_BATCH_SIZE", "50"),
+            // The mock broker takes a request that follows one it failed (see the last test),
+            // so librdkafka acknowledges records it never wrote; with one request in flight
+            // there is no such follower. The cluster tests run five in flight on real Kafka.
+            ("POSTHORN_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION", "1"),
         ],
     ))
 }
@@ -170,4 +174,66 @@ async fn committed(db: &crate::support::TestDb) -> i64 {
         .fetch_one(&db.pool)
         .await
         .expect("count rows")
+}
+
+/// Why the relays above run with one produce request in flight per connection: librdkafka's
+/// mock broker checks sequence numbers only for *transactional* producers
+/// (`rd_kafka_mock_validate_records` returns early without a `transactional.id`), so it appends
+/// a request that follows one it failed, where a real broker answers OUT_OF_ORDER_SEQUENCE.
+/// librdkafka then takes that success as proof that the failed request was persisted too
+/// (`rd_kafka_handle_idempotent_Produce_success`, "implicit ack") and reports the failed
+/// request's records delivered: acknowledged, never written. This test pins that artifact; if
+/// an upgrade fixes the mock, it fails, and the relays above can go back to five in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mock_broker_acknowledges_a_record_it_never_wrote_behind_an_injected_error() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::ClientConfig;
+
+    const N: usize = 20;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique("it-mock-probe");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        // One record a request, so several requests are in flight behind the failed one.
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS],
+    );
+    let sends: Vec<_> = (0..N)
+        .map(|i| {
+            let payload = format!("{i}");
+            producer
+                .send_result(
+                    FutureRecord::<str, str>::to(&topic)
+                        .key("k")
+                        .payload(&payload),
+                )
+                .map_err(|(err, _)| err)
+        })
+        .collect::<Result<_, _>>()
+        .expect("enqueue");
+    let mut n_acknowledged = 0;
+    for send in sends {
+        if matches!(send.await, Ok(Ok(_))) {
+            n_acknowledged += 1;
+        }
+    }
+    // The partition's high watermark: how many records the mock broker appended.
+    let (_, n_written) = producer
+        .client()
+        .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+        .expect("watermarks");
+    println!("mock broker: {n_acknowledged} of {N} records acknowledged, {n_written} written");
+    assert_eq!(n_acknowledged, N, "every record is acknowledged");
+    assert!(
+        n_written < N as i64,
+        "the mock broker wrote every acknowledged record: it may now check sequence numbers, and \
+         the relays above need no longer run with one request in flight"
+    );
 }
