@@ -38,6 +38,12 @@ pub(crate) enum Outcome {
 pub struct Deliverable(Vec<i64>);
 
 impl Deliverable {
+    /// Rows recorded as delivered on their own (checkpoint mode's rare out-of-order marks).
+    pub(crate) fn from_ids(mut ids: Vec<i64>) -> Deliverable {
+        ids.sort_unstable();
+        Deliverable(ids)
+    }
+
     pub fn ids(&self) -> &[i64] {
         &self.0
     }

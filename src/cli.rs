@@ -292,6 +292,7 @@ async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
 fn status_json(config: &Config, status: &Status) -> serde_json::Value {
     serde_json::json!({
         "table": config.outbox.qualified(),
+        "tracking": config.tracking.as_str(),
         "pending": status.n_pending,
         "retrying": status.n_retrying,
         "oldest_pending": status.oldest_pending.as_ref().map(|o| serde_json::json!({
@@ -319,9 +320,10 @@ fn status_table(config: &Config, status: &Status, top: u16) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "outbox {} in {}\n",
+        "outbox {} in {} (tracking: {})\n",
         config.outbox.qualified(),
-        config.database.redacted()
+        config.database.redacted(),
+        config.tracking.as_str()
     );
     let _ = writeln!(
         out,

@@ -64,6 +64,7 @@ struct RawEnv {
     http_addr: Option<String>,
     health_stall_seconds: Option<String>,
     retention: Option<String>,
+    tracking: Option<String>,
 }
 
 /// Names of the variables [`RawEnv`] knows, for the unknown-variable warning.
@@ -86,6 +87,7 @@ const KNOWN_VARS: &[&str] = &[
     "HTTP_ADDR",
     "HEALTH_STALL_SECONDS",
     "RETENTION",
+    "TRACKING",
 ];
 
 const EX_DATABASE_URL: &str = "postgres://posthorn:secret@127.0.0.1:5432/app";
@@ -121,6 +123,8 @@ pub struct Config {
     pub health_stall: Duration,
     /// How long delivered rows are kept before they are deleted (none: never deleted).
     pub retention: Option<Duration>,
+    /// How the relay records what it published: per row, or with one snapshot checkpoint.
+    pub tracking: Tracking,
     /// `POSTHORN_*` variables that posthorn does not know (typos, or injected by an orchestrator).
     pub unknown_vars: Vec<String>,
 }
@@ -235,6 +239,7 @@ impl Config {
             "60",
         )?);
         let retention = parse_retention(raw.retention.as_deref())?;
+        let tracking = Tracking::parse(raw.tracking.as_deref())?;
 
         let unknown_vars = vars
             .iter()
@@ -261,6 +266,7 @@ impl Config {
             http_addr,
             health_stall,
             retention,
+            tracking,
             unknown_vars,
         })
     }
@@ -676,6 +682,38 @@ use posthorn_writer::contract::is_topic_char;
 /// Why a topic name is not one Kafka accepts, if it is not (the contract's rule).
 pub fn topic_name_problem(topic: &str) -> Option<String> {
     posthorn_writer::contract::topic_name_problem(topic).map(|problem| problem.to_string())
+}
+
+/// `POSTHORN_TRACKING`: how the relay records what it has published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracking {
+    /// `delivered_at` is written on every row once Kafka acknowledged it.
+    Rows,
+    /// One checkpoint row records the last published snapshot (and the position inside the
+    /// window being published): a batch is the rows of the transactions that committed between
+    /// two snapshots, and no row is written a second time.
+    Checkpoint,
+}
+
+impl Tracking {
+    fn parse(value: Option<&str>) -> Result<Tracking, ConfigError> {
+        match value.map(str::trim) {
+            None | Some("rows") => Ok(Tracking::Rows),
+            Some("checkpoint") => Ok(Tracking::Checkpoint),
+            Some(other) => Err(ConfigError::invalid(
+                "POSTHORN_TRACKING",
+                format!("'{other}' is neither 'rows' nor 'checkpoint'"),
+                "checkpoint",
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tracking::Rows => "rows",
+            Tracking::Checkpoint => "checkpoint",
+        }
+    }
 }
 
 /// `POSTHORN_ON_POISON`: what a row Kafka will never accept does to its aggregate.

@@ -16,6 +16,7 @@ pub struct RelayStarted<'a> {
     pub brokers: &'a str,
     pub table: &'a str,
     pub batch_size: usize,
+    pub tracking: crate::config::Tracking,
 }
 impl RelayStarted<'_> {
     pub fn emit(self) {
@@ -24,6 +25,7 @@ impl RelayStarted<'_> {
             brokers = self.brokers,
             table = self.table,
             batch_size = self.batch_size,
+            tracking = self.tracking.as_str(),
             "Relay started."
         );
         // A standby until the lease is acquired.
@@ -279,6 +281,51 @@ impl ReadRestarted {
             "A row below the rows already sent became pending; reading again from the oldest."
         );
         METRICS.read_restarts.inc();
+    }
+}
+
+/// Checkpoint mode's first start on this outbox (or the first after a switch from rows mode).
+pub struct CheckpointCreated<'a> {
+    pub table: &'a str,
+    pub snapshot: &'a str,
+}
+impl CheckpointCreated<'_> {
+    pub fn emit(self) {
+        info!(
+            table = self.table,
+            snapshot = self.snapshot,
+            "Tracking this outbox with a checkpoint; every row still pending is in a later window."
+        );
+    }
+}
+
+/// A rows-mode start found checkpoint mode's checkpoint row and took over from it.
+pub struct CheckpointHandedBack<'a> {
+    pub table: &'a str,
+    pub n_marked: u64,
+}
+impl CheckpointHandedBack<'_> {
+    pub fn emit(self) {
+        info!(
+            table = self.table,
+            n_marked = self.n_marked,
+            "Tracking this outbox per row again: marked what the checkpoint covered delivered and \
+             deleted the checkpoint."
+        );
+    }
+}
+
+/// Checkpoint mode, halt-key: a row behind a failed row of its aggregate was set aside.
+pub struct RowHeld {
+    pub outbox_id: i64,
+}
+impl RowHeld {
+    pub fn emit(self) {
+        warn!(
+            outbox_id = self.outbox_id,
+            "An earlier row of this row's aggregate failed; marked it failed too (held behind it): \
+             re-queue the failed row to publish both."
+        );
     }
 }
 

@@ -33,7 +33,8 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<RelayStats, RelayError> {
     let background =
-        Outbox::connect_lazy_background(&config.database, &config.outbox, config.on_poison)?;
+        Outbox::connect_lazy_background(&config.database, &config.outbox, config.on_poison)?
+            .tracked_by(config.tracking);
     let kafka_probe = KafkaProbe::new(&config.kafka)?;
     let heartbeat = Heartbeat::new();
     let readiness = Readiness::default();

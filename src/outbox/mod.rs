@@ -8,21 +8,25 @@
 //! takes the oldest undelivered rows again, which is what makes a late-committing row impossible
 //! to skip.
 
+mod checkpoint;
 mod listen;
 mod operator_sql;
 mod relay_sql;
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool};
 
-use crate::config::{Config, DatabaseConfig, OutboxTable, PoisonPolicy};
+use crate::config::{Config, DatabaseConfig, OutboxTable, PoisonPolicy, Tracking};
 
 /// The row type lives on the ground floor (`row`); re-exported here, where it is read.
 pub use crate::row::{OutboxRow, Payload};
+use checkpoint::checkpoint_table;
 pub(crate) use listen::Wakeups;
 pub(crate) use operator_sql::{Backlog, Redelivery, Requeued, Status};
+use relay_sql::decode_rows;
 pub use relay_sql::ReadPast;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,8 @@ pub enum OutboxError {
         what: &'static str,
         source: sqlx::Error,
     },
+    #[error("the outbox checkpoint holds what posthorn cannot read: {0}")]
+    Corrupt(String),
 }
 
 impl OutboxError {
@@ -73,6 +79,13 @@ impl OutboxError {
 pub struct Outbox {
     pool: PgPool,
     table: OutboxTable,
+    tracking: Tracking,
+    policy: PoisonPolicy,
+    /// Checkpoint mode: the pages read and not yet recorded (see `checkpoint`).
+    pages: Arc<Mutex<checkpoint::Pages>>,
+    /// Rows mode: whether a checkpoint row left by checkpoint mode was looked for.
+    handed_back: Arc<AtomicBool>,
+    window_select: Arc<str>,
     fetch_sql: Arc<str>,
     fetch_after_sql: Arc<str>,
     pending_upto_sql: Arc<str>,
@@ -85,6 +98,7 @@ impl Outbox {
     /// A lazily connecting pool: creating it never fails because Postgres is down.
     pub fn connect_lazy(config: &Config) -> Result<Outbox, OutboxError> {
         let (database, table, policy) = (&config.database, &config.outbox, config.on_poison);
+        let tracking = config.tracking;
         let options: PgConnectOptions = database.url().parse().map_err(OutboxError::Settings)?;
         let pool = crate::tcp_nodelay::pool_options(&options)
             // The listener holds one; the relay reads and marks at the same time (two); one
@@ -93,7 +107,7 @@ impl Outbox {
             .acquire_timeout(Duration::from_secs(5))
             // Names this instance's sessions in pg_stat_activity (63 bytes at most).
             .connect_lazy_with(options.application_name(&application_name(&config.instance_id)));
-        Ok(Outbox::with_pool(pool, table, policy))
+        Ok(Outbox::with_pool(pool, table, policy).tracked_by(tracking))
     }
 
     /// A pool of its own for the background tasks (backlog gauges, readiness, retention), so
@@ -114,6 +128,17 @@ impl Outbox {
         Ok(Outbox::with_pool(pool, table, policy))
     }
 
+    /// This handle, tracking what is published the way `tracking` says (default: rows).
+    pub fn tracked_by(mut self, tracking: Tracking) -> Outbox {
+        self.tracking = tracking;
+        self
+    }
+
+    pub fn tracking(&self) -> Tracking {
+        self.tracking
+    }
+
+    /// A handle tracking rows (`POSTHORN_TRACKING=rows`); see [`Outbox::tracked_by`].
     pub fn with_pool(pool: PgPool, table: &OutboxTable, policy: PoisonPolicy) -> Outbox {
         let t = table.qualified();
         let lease = crate::lease::lease_table(table);
@@ -129,17 +154,32 @@ impl Outbox {
             }
         }
         .replace("{t}", &t);
+        let columns = "id, event_id, aggregate_type, aggregate_id, event_type, \
+                       payload::text AS payload, payload_bytes, content_type, topic, \
+                       headers::text AS headers, \
+                       (extract(epoch FROM created_at) * 1000000)::bigint AS created_at_us";
         let select = format!(
-            "SELECT id, event_id, aggregate_type, aggregate_id, event_type, \
-                    payload::text AS payload, payload_bytes, content_type, topic, \
-                    headers::text AS headers, \
-                    (extract(epoch FROM created_at) * 1000000)::bigint AS created_at_us \
-             FROM {t} AS o \
+            "SELECT {columns} FROM {t} AS o \
              WHERE delivered_at IS NULL AND failed_at IS NULL{halted}"
         );
+        // Checkpoint mode reads held rows too (a window cannot leave them behind) and says
+        // which they are.
+        let held = match halted.strip_prefix(" AND NOT ") {
+            Some(exists) => exists.to_owned(),
+            None => "false".to_owned(),
+        };
         Outbox {
             pool,
             table: table.clone(),
+            tracking: Tracking::Rows,
+            policy,
+            pages: Arc::default(),
+            handed_back: Arc::default(),
+            window_select: format!(
+                "SELECT {columns}, {held} AS held FROM {t} AS o \
+                 WHERE delivered_at IS NULL AND failed_at IS NULL"
+            )
+            .into(),
             fetch_sql: format!("{select} ORDER BY id LIMIT $1").into(),
             // Both plain range scans of the pending index: an anti-join against the ids in
             // flight would depend on the planner's estimate of the pending rows, which is stale

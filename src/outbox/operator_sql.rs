@@ -7,15 +7,59 @@ use std::time::Duration;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
-use super::{Outbox, OutboxError};
+use crate::config::{PoisonPolicy, Tracking};
+
+use super::{checkpoint_table, Outbox, OutboxError};
+
+/// A row's states as SQL conditions on alias `o`, as this outbox's tracking defines them. In
+/// rows mode they read `delivered_at` and `failed_at`; in checkpoint mode "delivered" also means
+/// covered by the checkpoint row (read with scalar subqueries, evaluated once a statement), and
+/// the pending rows are found from the checkpoint's oldest unpublished transaction on, over the
+/// txid index.
+struct States {
+    delivered: String,
+    pending: String,
+}
+
+const FAILED: &str = "o.delivered_at IS NULL AND o.failed_at IS NOT NULL";
+
+impl Outbox {
+    fn states(&self) -> States {
+        match self.tracking {
+            Tracking::Rows => States {
+                delivered: "o.delivered_at IS NOT NULL".to_owned(),
+                pending: "o.delivered_at IS NULL AND o.failed_at IS NULL".to_owned(),
+            },
+            Tracking::Checkpoint => {
+                let cp = checkpoint_table(&self.table);
+                let covered = format!(
+                    "coalesce(pg_visible_in_snapshot(o.txid, (SELECT snapshot FROM {cp})) \
+                       OR (pg_visible_in_snapshot(o.txid, (SELECT window_end FROM {cp})) \
+                           AND o.id <= (SELECT position FROM {cp})), false)"
+                );
+                States {
+                    delivered: format!(
+                        "(o.delivered_at IS NOT NULL OR (o.failed_at IS NULL AND {covered}))"
+                    ),
+                    pending: format!(
+                        "o.delivered_at IS NULL AND o.failed_at IS NULL \
+                         AND o.txid >= coalesce(pg_snapshot_xmin((SELECT snapshot FROM {cp})), \
+                                                '0'::xid8) \
+                         AND NOT {covered}"
+                    ),
+                }
+            }
+        }
+    }
+}
 
 impl Outbox {
     /// Counts for `check`: (pending, delivered, failed) rows.
     pub(crate) async fn counts(&self) -> Result<(i64, i64, i64), OutboxError> {
+        let States { delivered, pending } = self.states();
         let sql = format!(
-            "SELECT count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NULL), \
-                    count(*) FILTER (WHERE delivered_at IS NOT NULL), \
-                    count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NOT NULL) FROM {}",
+            "SELECT count(*) FILTER (WHERE {pending}), count(*) FILTER (WHERE {delivered}), \
+                    count(*) FILTER (WHERE {FAILED}) FROM {} AS o",
             self.table.qualified()
         );
         sqlx::query_as(AssertSqlSafe(sql))
@@ -37,11 +81,12 @@ impl Outbox {
     /// count `outbox_failed_idx`.
     pub(crate) async fn backlog(&self) -> Result<Backlog, OutboxError> {
         let t = self.table.qualified();
+        let States { pending, .. } = self.states();
         let sql = format!(
-            "SELECT (SELECT count(*) FROM {t} WHERE delivered_at IS NULL AND failed_at IS NULL), \
-                    (SELECT greatest(extract(epoch FROM now() - created_at), 0)::float8 FROM {t} \
-                      WHERE delivered_at IS NULL AND failed_at IS NULL ORDER BY id LIMIT 1), \
-                    (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL AND delivered_at IS NULL)"
+            "SELECT (SELECT count(*) FROM {t} AS o WHERE {pending}), \
+                    (SELECT greatest(extract(epoch FROM now() - o.created_at), 0)::float8 \
+                     FROM {t} AS o WHERE {pending} ORDER BY o.id LIMIT 1), \
+                    (SELECT count(*) FROM {t} AS o WHERE {FAILED})"
         );
         let (n_pending, oldest_age, n_failed): (i64, Option<f64>, i64) =
             sqlx::query_as(AssertSqlSafe(sql))
@@ -58,10 +103,14 @@ impl Outbox {
     /// Proves Postgres answers and the table has every column posthorn uses, reading no row:
     /// the readiness probe.
     pub(crate) async fn probe_schema(&self) -> Result<(), OutboxError> {
+        let txid = match self.tracking {
+            Tracking::Rows => "",
+            Tracking::Checkpoint => ", txid",
+        };
         let sql = format!(
             "SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, \
                     headers, created_at, delivered_at, attempts, last_error, last_attempt_at, \
-                    failed_at \
+                    failed_at{txid} \
              FROM {} LIMIT 0",
             self.table.qualified()
         );
@@ -75,13 +124,13 @@ impl Outbox {
     /// What `posthorn status` shows. The counts scan the table once; the rest reads indexes.
     pub(crate) async fn status(&self, n_top_errors: i64) -> Result<Status, OutboxError> {
         let t = self.table.qualified();
+        let States { delivered, pending } = self.states();
         let counts = format!(
-            "SELECT count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NULL), \
-                    count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NULL \
-                                       AND attempts > 0), \
-                    count(*) FILTER (WHERE delivered_at IS NOT NULL), \
-                    count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NOT NULL) \
-             FROM {t}"
+            "SELECT count(*) FILTER (WHERE {pending}), \
+                    count(*) FILTER (WHERE {pending} AND o.attempts > 0), \
+                    count(*) FILTER (WHERE {delivered}), \
+                    count(*) FILTER (WHERE {FAILED}) \
+             FROM {t} AS o"
         );
         let (n_pending, n_retrying, n_delivered, n_failed): (i64, i64, i64, i64) =
             sqlx::query_as(AssertSqlSafe(counts))
@@ -89,9 +138,9 @@ impl Outbox {
                 .await
                 .map_err(OutboxError::query("counting outbox rows"))?;
         let oldest = format!(
-            "SELECT id, greatest(extract(epoch FROM now() - created_at), 0)::float8, attempts, \
-                    last_error \
-             FROM {t} WHERE delivered_at IS NULL AND failed_at IS NULL ORDER BY id LIMIT 1"
+            "SELECT o.id, greatest(extract(epoch FROM now() - o.created_at), 0)::float8, \
+                    o.attempts, o.last_error \
+             FROM {t} AS o WHERE {pending} ORDER BY o.id LIMIT 1"
         );
         let oldest_pending = sqlx::query_as(AssertSqlSafe(oldest))
             .fetch_optional(&self.pool)
@@ -110,6 +159,18 @@ impl Outbox {
                     greatest(extract(epoch FROM now() - delivered_at), 0)::float8 \
              FROM {t} WHERE delivered_at IS NOT NULL ORDER BY delivered_at DESC LIMIT 1"
         );
+        let last = match self.tracking {
+            Tracking::Rows => last,
+            // The checkpoint's last move, or (before its first) the rows mode's last mark.
+            Tracking::Checkpoint => format!(
+                "SELECT * FROM ( \
+                     SELECT last_id, (extract(epoch FROM advanced_at) * 1000000)::bigint, \
+                            greatest(extract(epoch FROM now() - advanced_at), 0)::float8 \
+                     FROM {} WHERE last_id IS NOT NULL \
+                     UNION ALL ({last})) AS l LIMIT 1",
+                checkpoint_table(&self.table)
+            ),
+        };
         let last_delivered = sqlx::query_as(AssertSqlSafe(last))
             .fetch_optional(&self.pool)
             .await
@@ -122,8 +183,7 @@ impl Outbox {
                 },
             );
         let errors = format!(
-            "SELECT coalesce(last_error, ''), count(*) FROM {t} \
-             WHERE failed_at IS NOT NULL AND delivered_at IS NULL \
+            "SELECT coalesce(o.last_error, ''), count(*) FROM {t} AS o WHERE {FAILED} \
              GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $1"
         );
         let failed_by_error = sqlx::query_as(AssertSqlSafe(errors))
@@ -150,13 +210,13 @@ impl Outbox {
         &self,
         which: &Redelivery,
     ) -> Result<Requeued, OutboxError> {
+        let States { delivered, pending } = self.states();
         let sql = format!(
-            "SELECT count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NOT NULL), \
-                    count(*) FILTER (WHERE delivered_at IS NOT NULL), \
-                    count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NULL) \
-             FROM {} WHERE {}",
+            "SELECT count(*) FILTER (WHERE {FAILED}), count(*) FILTER (WHERE {delivered}), \
+                    count(*) FILTER (WHERE {pending}) \
+             FROM {} AS o WHERE {}",
             self.table.qualified(),
-            which.condition()
+            self.selection(which)
         );
         let (n_failed, n_delivered, n_already_pending) = which
             .bind(sqlx::query_as(AssertSqlSafe(sql)))
@@ -170,26 +230,72 @@ impl Outbox {
         })
     }
 
-    /// Re-queues the selected rows: failed rows get `failed_at = NULL` (their `attempts` and
-    /// `last_error` are kept, as history), delivered rows get `delivered_at = NULL`, so they are
-    /// published again (duplicates, by design). Pending rows are left as they are. Wakes the
-    /// relay in the same transaction.
+    /// The rows a re-queue selects. In checkpoint mode under halt-key it takes with each failed
+    /// row the rows set aside behind it (failed rows of its aggregate with a larger id).
+    fn selection(&self, which: &Redelivery) -> String {
+        let condition = which.condition();
+        match (self.tracking, self.policy, which) {
+            (Tracking::Checkpoint, PoisonPolicy::HaltKey, Redelivery::IdRange { .. })
+            | (Tracking::Checkpoint, PoisonPolicy::HaltKey, Redelivery::EventIds(_)) => format!(
+                "(({condition}) OR ({FAILED} AND EXISTS ( \
+                     SELECT 1 FROM {t} AS f WHERE f.failed_at IS NOT NULL \
+                       AND f.delivered_at IS NULL AND f.aggregate_type = o.aggregate_type \
+                       AND f.aggregate_id = o.aggregate_id AND f.id < o.id \
+                       AND {f_condition})))",
+                t = self.table.qualified(),
+                f_condition = condition.replace("o.", "f.")
+            ),
+            _ => format!("({condition})"),
+        }
+    }
+
+    /// Re-queues the selected rows, so they are published again: failed rows (their
+    /// `attempts` and `last_error` kept, as history) and delivered rows (duplicates, by
+    /// design). Pending rows are left as they are. Wakes the relay in the same transaction.
+    ///
+    /// Rows mode clears `failed_at` and `delivered_at`. Checkpoint mode cannot un-publish a row
+    /// the checkpoint covers, so it moves each re-queued row to the end of the outbox: deleted
+    /// and inserted again with a new id (and so a new transaction) and the same `event_id` and
+    /// `created_at`, in id order. Either way a re-queued row goes out after what was delivered
+    /// meanwhile.
     pub(crate) async fn redeliver(&self, which: &Redelivery) -> Result<Requeued, OutboxError> {
         let t = self.table.qualified();
+        let States { delivered, .. } = self.states();
+        let selected = format!(
+            "selected AS ( \
+                 SELECT o.id, {delivered} AS was_delivered, o.failed_at IS NOT NULL AS was_failed \
+                 FROM {t} AS o WHERE {} ORDER BY o.id FOR UPDATE OF o)",
+            self.selection(which)
+        );
+        let requeue = match self.tracking {
+            Tracking::Rows => format!(
+                "requeued AS ( \
+                     UPDATE {t} AS o SET delivered_at = NULL, failed_at = NULL \
+                     FROM selected AS s \
+                     WHERE o.id = s.id AND (s.was_delivered OR s.was_failed) \
+                     RETURNING s.was_delivered)"
+            ),
+            Tracking::Checkpoint => {
+                let columns = "aggregate_type, aggregate_id, event_type, payload, payload_bytes, \
+                               content_type, topic, headers, event_id, created_at, attempts, \
+                               last_error, last_attempt_at";
+                format!(
+                    "moved AS ( \
+                         DELETE FROM {t} AS o USING selected AS s \
+                         WHERE o.id = s.id AND (s.was_delivered OR s.was_failed) \
+                         RETURNING o.*, s.was_delivered), \
+                     inserted AS ( \
+                         INSERT INTO {t} ({columns}) \
+                         SELECT {columns} FROM moved ORDER BY id RETURNING 1), \
+                     requeued AS (SELECT was_delivered FROM moved)"
+                )
+            }
+        };
         let sql = format!(
-            "WITH selected AS ( \
-                 SELECT id, delivered_at IS NOT NULL AS was_delivered, \
-                        failed_at IS NOT NULL AS was_failed \
-                 FROM {t} WHERE {} ORDER BY id FOR UPDATE), \
-             requeued AS ( \
-                 UPDATE {t} AS o SET delivered_at = NULL, failed_at = NULL \
-                 FROM selected AS s \
-                 WHERE o.id = s.id AND (s.was_delivered OR s.was_failed) \
-                 RETURNING s.was_delivered) \
+            "WITH {selected}, {requeue} \
              SELECT (SELECT count(*) FROM requeued WHERE NOT was_delivered), \
                     (SELECT count(*) FROM requeued WHERE was_delivered), \
-                    (SELECT count(*) FROM selected WHERE NOT was_delivered AND NOT was_failed)",
-            which.condition()
+                    (SELECT count(*) FROM selected WHERE NOT was_delivered AND NOT was_failed)"
         );
         let what = "re-queueing rows";
         let mut tx = self.pool.begin().await.map_err(OutboxError::query(what))?;
@@ -224,15 +330,32 @@ impl Outbox {
         const CENTURY_US: u128 = 100 * 366 * 24 * 3600 * 1_000_000;
         let older_than_us = older_than.as_micros().min(CENTURY_US) as i64;
         let t = self.table.qualified();
-        // The outer condition repeats the inner one: a row re-queued (delivered_at = NULL) by
-        // `redeliver` after the subquery saw it is re-checked on its new version, and kept.
-        let sql = format!(
-            "DELETE FROM {t} WHERE id IN ( \
-                 SELECT id FROM {t} \
-                 WHERE delivered_at < now() - $1 * interval '1 microsecond' AND failed_at IS NULL \
-                 ORDER BY delivered_at LIMIT $2) \
-             AND delivered_at < now() - $1 * interval '1 microsecond' AND failed_at IS NULL"
-        );
+        let sql = match self.tracking {
+            // The outer condition repeats the inner one: a row re-queued (delivered_at = NULL)
+            // by `redeliver` after the subquery saw it is re-checked on its new version, and
+            // kept.
+            Tracking::Rows => format!(
+                "DELETE FROM {t} WHERE id IN ( \
+                     SELECT id FROM {t} \
+                     WHERE delivered_at < now() - $1 * interval '1 microsecond' \
+                       AND failed_at IS NULL \
+                     ORDER BY delivered_at LIMIT $2) \
+                 AND delivered_at < now() - $1 * interval '1 microsecond' AND failed_at IS NULL"
+            ),
+            // No row records when it was published: rows created more than the period ago that
+            // the checkpoint covers, oldest first. A re-queued row was deleted and inserted
+            // again (`redeliver`), so a row the subquery saw is never re-queued in place.
+            Tracking::Checkpoint => {
+                let States { delivered, .. } = self.states();
+                format!(
+                    "DELETE FROM {t} WHERE id IN ( \
+                         SELECT o.id FROM {t} AS o \
+                         WHERE o.created_at < now() - $1 * interval '1 microsecond' \
+                           AND o.failed_at IS NULL AND {delivered} \
+                         ORDER BY o.id LIMIT $2)"
+                )
+            }
+        };
         let what = "deleting delivered rows after the retention period";
         let mut tx = self.pool.begin().await.map_err(OutboxError::query(what))?;
         sqlx::raw_sql("SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '60s'")
@@ -313,9 +436,9 @@ impl Redelivery {
     /// The SQL condition selecting the rows, with `$1` (and `$2`) bound by [`Redelivery::bind`].
     fn condition(&self) -> &'static str {
         match self {
-            Redelivery::Failed => "failed_at IS NOT NULL AND delivered_at IS NULL",
-            Redelivery::IdRange { .. } => "id BETWEEN $1 AND $2",
-            Redelivery::EventIds(_) => "event_id = ANY($1)",
+            Redelivery::Failed => "o.failed_at IS NOT NULL AND o.delivered_at IS NULL",
+            Redelivery::IdRange { .. } => "o.id BETWEEN $1 AND $2",
+            Redelivery::EventIds(_) => "o.event_id = ANY($1)",
         }
     }
 

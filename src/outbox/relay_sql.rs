@@ -6,7 +6,11 @@ use std::fmt::Display;
 
 use sqlx::{AssertSqlSafe, Row};
 
+use std::sync::atomic::Ordering;
+
 use crate::acks::Deliverable;
+use crate::config::Tracking;
+use crate::events;
 use crate::row::{Failure, OutboxRow, Payload, Poisoned};
 
 use super::{Outbox, OutboxError};
@@ -21,8 +25,16 @@ pub enum ReadPast {
 }
 
 impl Outbox {
-    /// The oldest `limit` undelivered rows, in id order.
+    /// The oldest `limit` undelivered rows, in id order. In checkpoint mode: the next rows from
+    /// the checkpoint on.
     pub async fn fetch_batch(&self, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
+        if self.tracking == Tracking::Checkpoint {
+            return self.fetch_window(limit, &[]).await;
+        }
+        if !self.handed_back.load(Ordering::Relaxed) {
+            self.take_over_from_checkpoint().await?;
+            self.handed_back.store(true, Ordering::Relaxed);
+        }
         let rows = sqlx::query(AssertSqlSafe(self.fetch_sql.clone()))
             .bind(limit as i64)
             .fetch_all(&self.pool)
@@ -41,6 +53,10 @@ impl Outbox {
     /// the first statement's snapshot, so after every row it returned: publishing it later
     /// keeps commit order.
     pub async fn fetch_after(&self, limit: usize, sent: &[i64]) -> Result<ReadPast, OutboxError> {
+        if self.tracking == Tracking::Checkpoint {
+            // Windows need no check below: a window's rows are all committed when it is read.
+            return self.fetch_window(limit, sent).await.map(ReadPast::Rows);
+        }
         let Some(&last) = sent.last() else {
             return self.fetch_batch(limit).await.map(ReadPast::Rows);
         };
@@ -65,9 +81,41 @@ impl Outbox {
         decode_rows(&rows).map(ReadPast::Rows)
     }
 
-    /// Marks the given rows delivered in one statement, if `epoch` still holds the lease.
-    /// Returns how many rows changed (0 for a deposed leader).
+    /// Marks the given rows delivered, if `epoch` still holds the lease: in rows mode in one
+    /// statement, in checkpoint mode by moving the checkpoint. Returns how many rows it
+    /// recorded (0 for a deposed leader).
     pub async fn mark_delivered(&self, rows: &Deliverable, epoch: i64) -> Result<u64, OutboxError> {
+        match self.tracking {
+            Tracking::Rows => self.mark_rows_delivered(rows, epoch).await,
+            Tracking::Checkpoint => self.record_done(rows.ids(), epoch).await,
+        }
+    }
+
+    /// Rows mode's start: a checkpoint row left by checkpoint mode is handed back (what it
+    /// covers marked delivered), so rows mode publishes none of it again. An outbox migrated
+    /// before version 7 has no checkpoint table, and nothing to hand back.
+    async fn take_over_from_checkpoint(&self) -> Result<(), OutboxError> {
+        match self.hand_back_checkpoint().await {
+            Ok(Some(n_marked)) => {
+                events::CheckpointHandedBack {
+                    table: &self.table.qualified(),
+                    n_marked,
+                }
+                .emit();
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(err) if err.is_undefined_table() => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `delivered_at` on each of `rows`, in one statement, if `epoch` still holds the lease.
+    pub(super) async fn mark_rows_delivered(
+        &self,
+        rows: &Deliverable,
+        epoch: i64,
+    ) -> Result<u64, OutboxError> {
         if rows.is_empty() {
             return Ok(0);
         }
@@ -119,6 +167,11 @@ impl Outbox {
             .execute(&self.pool)
             .await
             .map_err(OutboxError::query("marking outbox rows failed"))?;
+        if self.tracking == Tracking::Checkpoint {
+            // Set aside: the checkpoint may pass them.
+            let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+            self.record_done(&ids, epoch).await?;
+        }
         Ok(())
     }
 }
@@ -128,7 +181,7 @@ fn ids_and_errors<E: Display>(rows: &[(i64, E)]) -> (Vec<i64>, Vec<String>) {
     rows.iter().map(|(id, e)| (*id, e.to_string())).unzip()
 }
 
-fn decode_rows(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<OutboxRow>, OutboxError> {
+pub(super) fn decode_rows(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<OutboxRow>, OutboxError> {
     rows.iter()
         .map(|r| {
             Ok(OutboxRow {

@@ -94,6 +94,7 @@ pub(crate) async fn run_with_heartbeat(
         brokers: &config.kafka.brokers,
         table: &config.outbox.qualified(),
         batch_size: config.batch_size,
+        tracking: config.tracking,
     }
     .emit();
     let lease = Arc::new(Lease::new(
