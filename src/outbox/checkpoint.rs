@@ -190,8 +190,15 @@ impl Pages {
         self.0.push_back(page);
     }
 
-    /// Where the next read past every page read starts: after the last page.
-    fn end(&self) -> Option<Position> {
+    /// Where a read past the rows sent starts: after the page holding the last row sent
+    /// (pages read after it were not sent, and are forgotten). None if no page holds it: then
+    /// the read starts from the checkpoint row.
+    fn end_after(&mut self, last_sent: i64) -> Option<Position> {
+        let i = self
+            .0
+            .iter()
+            .position(|p| p.ids.binary_search(&last_sent).is_ok())?;
+        self.0.truncate(i + 1);
         self.0.back().map(Page::end)
     }
 
@@ -263,15 +270,22 @@ impl Outbox {
         let row = match row {
             Some(row) => row,
             None => {
-                // One statement, one snapshot: a row committed before it is either pending (and
-                // at or above the minimum) or delivered; one committed after it is not visible
-                // in the snapshot it stores.
+                // One statement, one snapshot `s`. A transaction that committed before it either
+                // left pending rows (its txid at or above the oldest pending one, `x`) or none;
+                // one still in progress (in `s`'s list) or not yet started is not visible in the
+                // snapshot stored, so its rows are in a later window. Stored: `s` itself when
+                // nothing is pending, else `s` cut at `x`.
                 let create = format!(
                     "INSERT INTO {cp} (snapshot, epoch) \
-                     SELECT coalesce( \
-                         (SELECT (min(txid)::text || ':' || min(txid)::text || ':')::pg_snapshot \
-                          FROM {t} WHERE delivered_at IS NULL AND failed_at IS NULL), \
-                         pg_current_snapshot()), 0 \
+                     SELECT CASE WHEN m.x IS NULL THEN c.s ELSE ( \
+                                least(pg_snapshot_xmin(c.s), m.x)::text || ':' || m.x::text \
+                                || ':' || coalesce((SELECT string_agg(r::text, ',' ORDER BY r) \
+                                                    FROM pg_snapshot_xip(c.s) AS r \
+                                                    WHERE r < m.x), '') \
+                            )::pg_snapshot END, 0 \
+                     FROM (SELECT pg_current_snapshot() AS s) AS c, \
+                          (SELECT min(txid) AS x FROM {t} \
+                           WHERE delivered_at IS NULL AND failed_at IS NULL) AS m \
                      ON CONFLICT DO NOTHING"
                 );
                 let created = sqlx::query(AssertSqlSafe(create))
@@ -305,10 +319,9 @@ impl Outbox {
         limit: usize,
         past: &[i64],
     ) -> Result<Vec<OutboxRow>, OutboxError> {
-        let resume = if past.is_empty() {
-            None
-        } else {
-            self.pages_lock().end()
+        let resume = match past.last() {
+            None => None,
+            Some(&last_sent) => self.pages_lock().end_after(last_sent),
         };
         let mut position = match resume {
             Some(position) => position,
@@ -722,9 +735,30 @@ mod tests {
         assert_eq!(advance.position, None);
         assert_eq!(advance.beyond, vec![3, 4]);
         assert_eq!(
-            pages.end(),
+            pages.end_after(4),
             Some(Position::Between(snap("20:20:"))),
-            "the next read still goes past every page read"
+            "the next read still goes past every page sent"
+        );
+    }
+
+    #[test]
+    fn a_page_read_and_not_sent_is_forgotten_and_read_again() {
+        let mut pages = Pages::default();
+        pages.push(page("10:10:", "20:20:", &[1, 2], false));
+        pages.push(page("10:10:", "20:20:", &[3, 4], false));
+        assert_eq!(
+            pages.end_after(2),
+            Some(Position::Within {
+                from: snap("10:10:"),
+                to: snap("20:20:"),
+                after: 2
+            })
+        );
+        assert_eq!(pages.0.len(), 1);
+        assert_eq!(
+            pages.end_after(99),
+            None,
+            "no page holds it: from the checkpoint row"
         );
     }
 
