@@ -47,6 +47,9 @@ struct Args {
     batch_size: u32,
     #[arg(long, default_value_t = 4)]
     writers: u64,
+    /// POSTHORN_TRACKING for the relay: rows or checkpoint.
+    #[arg(long, default_value = "rows")]
+    tracking: String,
 }
 
 #[tokio::main]
@@ -76,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         ("POSTHORN_TOPIC_TEMPLATE", topic.as_str()),
         ("POSTHORN_BATCH_SIZE", &args.batch_size.to_string()),
         ("POSTHORN_LOG", "warn"),
+        ("POSTHORN_TRACKING", args.tracking.as_str()),
         ("POSTHORN_HTTP_ADDR", &http_addr.to_string()),
         // The restarted relay is the same instance: it takes its lease over at once.
         ("POSTHORN_INSTANCE_ID", &format!("soak-{run_id}")),
@@ -189,10 +193,16 @@ async fn main() -> anyhow::Result<()> {
         written.load(Ordering::Relaxed)
     );
     loop {
-        let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NULL")
-                .fetch_one(&pool)
-                .await?;
+        // Pending in either tracking mode: not marked, and not covered by a checkpoint row.
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox AS o WHERE o.delivered_at IS NULL AND NOT EXISTS ( \
+                 SELECT 1 FROM outbox_checkpoint AS c \
+                 WHERE pg_visible_in_snapshot(o.txid, c.snapshot) \
+                    OR (c.window_end IS NOT NULL AND pg_visible_in_snapshot(o.txid, c.window_end) \
+                        AND o.id <= c.position))",
+        )
+        .fetch_one(&pool)
+        .await?;
         peak_rss_kb = peak_rss_kb.max(peak_rss(relay.id()));
         if pending == 0 {
             break;
@@ -231,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
         peak_rss_kb / 1024,
         relay_secs
     );
+    println!("tracking: {}", args.tracking);
     println!("rows lost: {lost}");
     println!("per-key order violations: {order_violations}");
     println!("duplicates: {duplicates}");

@@ -15,8 +15,10 @@ cargo test --locked -p posthorn-writer --features opentelemetry --test opentelem
   tee -a "$log"
 # A small soak with the test build: the relay SIGKILLed and restarted under writers (the full
 # one, 1,000,000 rows and 50 kills, is scripts/soak.sh).
-target/debug/examples/soak --posthorn target/debug/posthorn --rows 20000 --keys 100 --kills 5 \
-  --max-kill-interval-ms 800
+for tracking in rows checkpoint; do
+  target/debug/examples/soak --posthorn target/debug/posthorn --rows 20000 --keys 100 --kills 5 \
+    --max-kill-interval-ms 800 --tracking "$tracking"
+done
 # The Go and Python writers (writers/), against the same services and the relay built above;
 # its last line is `writers: N passed, N failed`.
 POSTHORN_BIN="$PWD/target/debug/posthorn" bash scripts/test-writers.sh 2>&1 | tee -a "$log"
