@@ -40,6 +40,30 @@ pub(crate) use verdict::{DeadLetterError, FatalError, PublishReport};
 /// relay and the writer, which refuses them when an event is built.
 pub use posthorn_writer::RESERVED_HEADERS;
 
+/// A batch's delivery reports as they arrive: each settles its row in the tracker.
+struct Reports<'b, 't> {
+    tracker: &'b mut Tracker<'t>,
+    rows: &'b [OutboxRow],
+    /// A batch-level rejection names the row only when the row was sent alone.
+    scope: verdict::Scope,
+    report: PublishReport,
+}
+
+impl Reports<'_, '_> {
+    fn settle(&mut self, sent: verdict::Sent) {
+        self.report
+            .add(settle(self.tracker, self.rows, sent, self.scope));
+    }
+}
+
+/// What ends the wait for a batch's delivery reports besides the reports themselves.
+struct Waiting<'a> {
+    shutdown: &'a mut Shutdown,
+    grace: Duration,
+    still_leader: &'a (dyn Fn() -> bool + Sync),
+    ack_stall: Duration,
+}
+
 /// How often a waiting batch checks whether the producer died of a fatal error.
 const FATAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -140,8 +164,12 @@ impl Publisher {
         ack_stall: Duration,
     ) -> PublishReport {
         // A batch-level rejection names the row only when the row was sent alone.
-        let sent_alone = verdict::Scope::of_batch(rows.len());
-        let mut report = PublishReport::default();
+        let mut reports = Reports {
+            tracker,
+            rows,
+            scope: verdict::Scope::of_batch(rows.len()),
+            report: PublishReport::default(),
+        };
         let mut pending = FuturesUnordered::new();
         // Per aggregate: the last row sent and its topic.
         let mut last_sent: HashMap<(&str, &str), (usize, String)> = HashMap::new();
@@ -150,8 +178,8 @@ impl Publisher {
             if !still_leader() {
                 break 'send;
             }
-            if !tracker.may_send(i) {
-                tracker.withhold(i);
+            if !reports.tracker.may_send(i) {
+                reports.tracker.withhold(i);
                 continue;
             }
             let Record {
@@ -162,7 +190,7 @@ impl Publisher {
             } = match record::record(row, &self.topic_template) {
                 Ok(record) => record,
                 Err(poison) => {
-                    tracker.poison(i, poison);
+                    reports.tracker.poison(i, poison);
                     continue;
                 }
             };
@@ -173,10 +201,10 @@ impl Publisher {
             if let Some((j, previous_topic)) = last_sent.get(&aggregate) {
                 let j = *j;
                 if *previous_topic != topic {
-                    while !tracker.is_settled(j) {
+                    while !reports.tracker.is_settled(j) {
                         tokio::select! {
                             next = pending.next() => match next {
-                                Some(sent) => report.add(settle(tracker, rows, sent, sent_alone)),
+                                Some(sent) => reports.settle(sent),
                                 None => break,
                             },
                             _ = shutdown.triggered() => break 'send,
@@ -185,8 +213,8 @@ impl Publisher {
                             }
                         }
                     }
-                    if !tracker.may_send(i) {
-                        tracker.withhold(i);
+                    if !reports.tracker.may_send(i) {
+                        reports.tracker.withhold(i);
                         continue;
                     }
                 }
@@ -211,20 +239,52 @@ impl Publisher {
                         // librdkafka's queue is full: wait for a delivery report to free room.
                         record = back;
                         match pending.next().await {
-                            Some(sent) => report.add(settle(tracker, rows, sent, sent_alone)),
+                            Some(sent) => reports.settle(sent),
                             None => tokio::time::sleep(Duration::from_millis(10)).await,
                         }
                     }
                     Err((err, _)) => {
                         // librdkafka refused the record itself (e.g. larger than
                         // message.max.bytes): a verdict on this record alone.
-                        report.add(record_failure(tracker, i, &err, verdict::Scope::ThisRecord));
+                        reports.report.add(record_failure(
+                            reports.tracker,
+                            i,
+                            &err,
+                            verdict::Scope::ThisRecord,
+                        ));
                         break;
                     }
                 }
             }
         }
 
+        let waiting = Waiting {
+            shutdown,
+            grace,
+            still_leader,
+            ack_stall,
+        };
+        self.await_reports(&mut pending, &mut reports, purged, waiting)
+            .await;
+        reports.report
+    }
+
+    /// Collects the delivery reports of the records sent, until every one has arrived, or
+    /// `grace` after the stop signal, or the lease is lost (then what is queued is purged). A
+    /// batch with no acknowledgement for `ack_stall` is purged once: its records fail.
+    async fn await_reports<F: std::future::Future<Output = verdict::Sent>>(
+        &self,
+        pending: &mut FuturesUnordered<F>,
+        reports: &mut Reports<'_, '_>,
+        mut purged: bool,
+        waiting: Waiting<'_>,
+    ) {
+        let Waiting {
+            shutdown,
+            grace,
+            still_leader,
+            ack_stall,
+        } = waiting;
         let mut deadline: Option<Instant> = None;
         if shutdown.is_triggered() {
             deadline = Some(Instant::now() + grace);
@@ -246,7 +306,7 @@ impl Publisher {
             }
             let stop_at = deadline.unwrap_or_else(Instant::now);
             tokio::select! {
-                Some(sent) = pending.next() => report.add(settle(tracker, rows, sent, sent_alone)),
+                Some(sent) = pending.next() => reports.settle(sent),
                 _ = shutdown.triggered(), if deadline.is_none() => {
                     deadline = Some(Instant::now() + grace);
                 }
@@ -263,7 +323,6 @@ impl Publisher {
         if !still_leader() {
             self.purge();
         }
-        report
     }
 
     /// Drops every record not yet acknowledged: queued ones are never sent.
