@@ -15,5 +15,6 @@ mod process;
 mod restarts;
 mod role;
 mod support;
+mod switch;
 mod transactions;
 mod writer;
