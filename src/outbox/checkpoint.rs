@@ -136,6 +136,19 @@ pub(crate) fn window_condition(from: &Snapshot, to: &Snapshot) -> String {
     format!("({})", terms.join(" OR "))
 }
 
+/// The SQL condition on `txid` selecting the transactions not visible in `from`. A statement
+/// sees only transactions visible in its own snapshot, so with it a read takes the window from
+/// `from` to that snapshot, and says which it was (`pg_current_snapshot()` in the select list).
+pub(crate) fn since_condition(from: &Snapshot) -> String {
+    let mut condition = format!("(txid >= '{}'::xid8", from.xmax);
+    if !from.xip.is_empty() {
+        let list: Vec<String> = from.xip.iter().map(|x| format!("'{x}'::xid8")).collect();
+        condition.push_str(&format!(" OR txid IN ({})", list.join(", ")));
+    }
+    condition.push(')');
+    condition
+}
+
 /// A page of a window the relay has read: its rows' ids in order, which of them are done
 /// (acknowledged, or set aside as failed), and whether it was the window's last page.
 #[derive(Debug, Clone)]
@@ -163,9 +176,14 @@ impl Page {
     }
 }
 
-/// The pages read and not yet wholly recorded in the checkpoint row, oldest first.
+/// The pages read and not yet wholly recorded in the checkpoint row, oldest first; and the
+/// position this leader last read from or wrote to the checkpoint row (a leader is its only
+/// writer, so while it leads that is what the row holds).
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Pages(VecDeque<Page>);
+pub(crate) struct Pages {
+    pages: VecDeque<Page>,
+    recorded: Option<Position>,
+}
 
 /// What recording some rows as done changes.
 #[derive(Debug, PartialEq, Eq)]
@@ -182,12 +200,13 @@ pub(crate) struct Advance {
 }
 
 impl Pages {
-    fn clear(&mut self) {
-        self.0.clear();
+    /// A new epoch: another leader may have moved the checkpoint meanwhile.
+    pub(crate) fn forget(&mut self) {
+        *self = Pages::default();
     }
 
     fn push(&mut self, page: Page) {
-        self.0.push_back(page);
+        self.pages.push_back(page);
     }
 
     /// Where a read past the rows sent starts: after the page holding the last row sent
@@ -195,17 +214,21 @@ impl Pages {
     /// the read starts from the checkpoint row.
     fn end_after(&mut self, last_sent: i64) -> Option<Position> {
         let i = self
-            .0
+            .pages
             .iter()
             .position(|p| p.ids.binary_search(&last_sent).is_ok())?;
-        self.0.truncate(i + 1);
-        self.0.back().map(Page::end)
+        self.pages.truncate(i + 1);
+        self.pages.back().map(Page::end)
     }
 
     /// Records `ids` as done and moves the position over the pages' done prefix.
     pub(crate) fn advance(&mut self, ids: &[i64]) -> Advance {
         for id in ids {
-            if let Some(page) = self.0.iter_mut().find(|p| p.ids.binary_search(id).is_ok()) {
+            if let Some(page) = self
+                .pages
+                .iter_mut()
+                .find(|p| p.ids.binary_search(id).is_ok())
+            {
                 if let Ok(i) = page.ids.binary_search(id) {
                     page.done[i] = true;
                 }
@@ -214,7 +237,7 @@ impl Pages {
         let mut position = None;
         let mut n_recorded = 0;
         let mut last_id = None;
-        while let Some(page) = self.0.front_mut() {
+        while let Some(page) = self.pages.front_mut() {
             let prefix = page.done.iter().take_while(|d| **d).count();
             if prefix > page.n_recorded {
                 n_recorded += prefix - page.n_recorded;
@@ -233,13 +256,13 @@ impl Pages {
             if prefix < page.ids.len() {
                 break;
             }
-            self.0.pop_front();
+            self.pages.pop_front();
         }
         let beyond = ids
             .iter()
             .copied()
             .filter(|id| {
-                self.0.iter().any(|p| {
+                self.pages.iter().any(|p| {
                     p.ids
                         .binary_search(id)
                         .is_ok_and(|i| i >= p.n_recorded && p.done[i])
@@ -326,41 +349,47 @@ impl Outbox {
         let mut position = match resume {
             Some(position) => position,
             None => {
-                self.pages_lock().clear();
-                self.load_position().await?
+                // From the checkpoint row: what this leader last wrote or read there, or the row.
+                let recorded = {
+                    let mut pages = self.pages_lock();
+                    pages.pages.clear();
+                    pages.recorded.clone()
+                };
+                match recorded {
+                    Some(position) => position,
+                    None => {
+                        let position = self.load_position().await?;
+                        self.pages_lock().recorded = Some(position.clone());
+                        position
+                    }
+                }
             }
         };
         // At most two windows: the rest of the current one (maybe empty), then a new one.
         loop {
             let (from, to, after) = match position {
-                Position::Between(from) => {
-                    let to = self.current_snapshot().await?;
-                    if to == from {
-                        return Ok(Vec::new());
-                    }
-                    (from, to, None)
-                }
-                Position::Within { from, to, after } => (from, to, Some(after)),
+                Position::Between(from) => (from, None, None),
+                Position::Within { from, to, after } => (from, Some(to), Some(after)),
             };
-            let (rows, held) = self.read_page(&from, &to, after, limit).await?;
-            let n_read = rows.len() + held.len();
+            let page = self.read_page(&from, to.as_ref(), after, limit).await?;
+            let n_read = page.rows.len() + page.held.len();
+            let Some(to) = page.window_end.or(to) else {
+                // A new window with nothing in it.
+                return Ok(Vec::new());
+            };
             if n_read == 0 {
-                match after {
-                    // The window is done: go on with the next one.
-                    Some(_) => {
-                        position = Position::Between(to);
-                        continue;
-                    }
-                    None => return Ok(Vec::new()),
-                }
+                // The window is done: go on with the next one.
+                position = Position::Between(to);
+                continue;
             }
-            let mut ids: Vec<i64> = rows
+            let mut ids: Vec<i64> = page
+                .rows
                 .iter()
                 .map(|r| r.id)
-                .chain(held.iter().copied())
+                .chain(page.held.iter().copied())
                 .collect();
             ids.sort_unstable();
-            let done = ids.iter().map(|id| held.contains(id)).collect();
+            let done = ids.iter().map(|id| page.held.contains(id)).collect();
             self.pages_lock().push(Page {
                 from,
                 to,
@@ -369,20 +398,35 @@ impl Outbox {
                 n_recorded: 0,
                 last_of_window: n_read < limit,
             });
-            return Ok(rows);
+            return Ok(page.rows);
         }
     }
 
-    /// One page of the window: the rows to publish, and (under halt-key) the ids of rows held
-    /// behind a failed row of their aggregate, which are set aside as failed here.
+    /// One page of the window from `from` to `to`, or, with no `to`, to the read's own snapshot
+    /// (then `window_end` says which it was; none if the page is empty). Held rows (under
+    /// halt-key, behind a failed row of their aggregate) are set aside as failed here.
     async fn read_page(
         &self,
         from: &Snapshot,
-        to: &Snapshot,
+        to: Option<&Snapshot>,
         after: Option<i64>,
         limit: usize,
-    ) -> Result<(Vec<OutboxRow>, Vec<i64>), OutboxError> {
-        let mut sql = format!("{} AND {}", self.window_select, window_condition(from, to));
+    ) -> Result<WindowPage, OutboxError> {
+        let decode = OutboxError::query("decoding an outbox row");
+        let mut sql = match to {
+            Some(to) => format!(
+                "{}, NULL::text AS window_end {} AND {}",
+                self.window_select,
+                self.window_from,
+                window_condition(from, to)
+            ),
+            None => format!(
+                "{}, pg_current_snapshot()::text AS window_end {} AND {}",
+                self.window_select,
+                self.window_from,
+                since_condition(from)
+            ),
+        };
         if let Some(after) = after {
             sql.push_str(&format!(" AND id > {after}"));
         }
@@ -392,6 +436,16 @@ impl Outbox {
             .fetch_all(&self.pool)
             .await
             .map_err(OutboxError::query("reading an outbox window"))?;
+        let window_end = match found.first() {
+            Some(row) => match row
+                .try_get::<Option<String>, _>("window_end")
+                .map_err(decode)?
+            {
+                Some(text) => Some(parse_snapshot(&text)?),
+                None => None,
+            },
+            None => None,
+        };
         let mut held = Vec::new();
         let mut rows = Vec::with_capacity(found.len());
         for row in found {
@@ -410,7 +464,11 @@ impl Outbox {
         if !held.is_empty() {
             self.set_aside_held(&held).await?;
         }
-        Ok((decode_rows(&rows)?, held))
+        Ok(WindowPage {
+            rows: decode_rows(&rows)?,
+            held,
+            window_end,
+        })
     }
 
     /// Under halt-key, rows behind a failed row of their aggregate cannot wait in a window the
@@ -441,15 +499,6 @@ impl Outbox {
         Ok(())
     }
 
-    async fn current_snapshot(&self) -> Result<Snapshot, OutboxError> {
-        let text: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(OutboxError::query("taking a snapshot"))?;
-        text.parse()
-            .map_err(|err: SnapshotParseError| OutboxError::Corrupt(err.to_string()))
-    }
-
     /// Records `ids` as published (or set aside): moves the checkpoint over the done prefix,
     /// and writes `delivered_at` on done rows beyond it. Fenced by `epoch`; returns how many
     /// rows it recorded (0 for a deposed leader). The pages change only once the write
@@ -467,11 +516,17 @@ impl Outbox {
                 .write_position(position, advance.last_id, epoch)
                 .await?
             {
+                // Deposed: whoever leads now moves the checkpoint.
+                self.pages_lock().forget();
                 return Ok(0);
             }
             n_recorded += advance.n_recorded as u64;
         }
-        self.pages_lock().advance(ids);
+        let mut pages = self.pages_lock();
+        pages.advance(ids);
+        if let Some(position) = advance.position {
+            pages.recorded = Some(position);
+        }
         Ok(n_recorded)
     }
 
@@ -542,6 +597,11 @@ impl Outbox {
         Ok(Some(marked.rows_affected()))
     }
 
+    /// A new epoch begins: what this handle remembers of the checkpoint may be stale.
+    pub(crate) fn begin_epoch(&self) {
+        self.pages_lock().forget();
+    }
+
     fn pages_lock(&self) -> std::sync::MutexGuard<'_, Pages> {
         // A panic while holding the lock leaves the pages as they were: still usable.
         self.pages
@@ -569,20 +629,30 @@ pub(crate) fn covered(o: &str, c: &str) -> String {
     )
 }
 
+fn parse_snapshot(text: &str) -> Result<Snapshot, OutboxError> {
+    text.parse()
+        .map_err(|err: SnapshotParseError| OutboxError::Corrupt(err.to_string()))
+}
+
+/// What one read of a window found.
+struct WindowPage {
+    rows: Vec<OutboxRow>,
+    /// Rows set aside as held (halt-key).
+    held: Vec<i64>,
+    /// The snapshot the window ends at, when the read chose it.
+    window_end: Option<Snapshot>,
+}
+
 fn decode_position(row: &sqlx::postgres::PgRow) -> Result<Position, OutboxError> {
     let what = "reading the outbox checkpoint";
     let snapshot: String = row.try_get(0).map_err(OutboxError::query(what))?;
     let window_end: Option<String> = row.try_get(1).map_err(OutboxError::query(what))?;
     let after: Option<i64> = row.try_get(2).map_err(OutboxError::query(what))?;
-    let parse = |text: &str| -> Result<Snapshot, OutboxError> {
-        text.parse()
-            .map_err(|err: SnapshotParseError| OutboxError::Corrupt(err.to_string()))
-    };
-    let from = parse(&snapshot)?;
+    let from = parse_snapshot(&snapshot)?;
     Ok(match (window_end, after) {
         (Some(to), Some(after)) => Position::Within {
             from,
-            to: parse(&to)?,
+            to: parse_snapshot(&to)?,
             after,
         },
         _ => Position::Between(from),
@@ -637,6 +707,21 @@ mod tests {
                     in_condition,
                     selects(&from, &to, txid),
                     "{from} → {to}, txid {txid}: {condition}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn since_is_what_the_earlier_snapshot_does_not_see() {
+        for from in ["10:10:", "10:14:11,13", "4294967290:4294967300:4294967295"] {
+            let from = snap(from);
+            let condition = since_condition(&from);
+            for txid in from.xmin.saturating_sub(3)..from.xmax + 5 {
+                assert_eq!(
+                    eval(&condition, txid),
+                    !from.is_visible(txid),
+                    "{from}, txid {txid}: {condition}"
                 );
             }
         }
@@ -702,7 +787,7 @@ mod tests {
         assert_eq!((advance.n_recorded, advance.beyond.len()), (3, 0));
         let advance = pages.advance(&[4, 5]);
         assert_eq!(advance.position, Some(Position::Between(snap("20:20:"))));
-        assert!(pages.0.is_empty());
+        assert!(pages.pages.is_empty());
     }
 
     #[test]
@@ -754,7 +839,7 @@ mod tests {
                 after: 2
             })
         );
-        assert_eq!(pages.0.len(), 1);
+        assert_eq!(pages.pages.len(), 1);
         assert_eq!(
             pages.end_after(99),
             None,

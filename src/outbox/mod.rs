@@ -86,6 +86,7 @@ pub struct Outbox {
     /// Rows mode: whether a checkpoint row left by checkpoint mode was looked for.
     handed_back: Arc<AtomicBool>,
     window_select: Arc<str>,
+    window_from: Arc<str>,
     fetch_sql: Arc<str>,
     fetch_after_sql: Arc<str>,
     pending_upto_sql: Arc<str>,
@@ -175,11 +176,9 @@ impl Outbox {
             policy,
             pages: Arc::default(),
             handed_back: Arc::default(),
-            window_select: format!(
-                "SELECT {columns}, {held} AS held FROM {t} AS o \
-                 WHERE delivered_at IS NULL AND failed_at IS NULL"
-            )
-            .into(),
+            window_select: format!("SELECT {columns}, {held} AS held").into(),
+            window_from: format!("FROM {t} AS o WHERE delivered_at IS NULL AND failed_at IS NULL")
+                .into(),
             fetch_sql: format!("{select} ORDER BY id LIMIT $1").into(),
             // Both plain range scans of the pending index: an anti-join against the ids in
             // flight would depend on the planner's estimate of the pending rows, which is stale

@@ -232,6 +232,7 @@ impl<'a> Relay<'a> {
             waiting: Task::none(),
         };
         let (mut stopping, mut lease_lost) = (false, false);
+        self.outbox.begin_epoch();
         let mut next = state.pipeline.lead(epoch);
         loop {
             if let Some(leave) = self
