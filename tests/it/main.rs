@@ -1,5 +1,6 @@
 //! Integration tests against a real PostgreSQL and real Apache Kafka (see support).
 
+mod checkpoint;
 mod cluster;
 mod connections;
 mod contract;
