@@ -1,17 +1,30 @@
 //! posthorn-bench: throughput, latency and footprint of the real relay, side by side with the
-//! physical limit measured in the same run. Uses the same services as the tests
-//! (POSTHORN_TEST_DATABASE_URL, POSTHORN_TEST_KAFKA_BROKERS); run it with `bash scripts/bench.sh`.
+//! physical limit measured in the same run, for each tracking mode (`POSTHORN_TRACKING=rows`
+//! and `checkpoint`). Uses the same services as the tests (POSTHORN_TEST_DATABASE_URL,
+//! POSTHORN_TEST_KAFKA_BROKERS); run it with `bash scripts/bench.sh`.
 //!
-//! Scenarios (each run `--runs` times; medians and min–max are printed):
-//! 1. drain: N rows inserted while the relay is stopped, then the relay (the release binary)
-//!    started; time until every row is acknowledged and marked.
-//! 2. steady: writers insert at a fixed rate in one-row transactions; a consumer compares each
+//! Every scenario runs `--runs` times for each mode of `--tracking`, the modes' runs interleaved
+//! (run 1 in the order given, run 2 reversed, ...); medians and min–max are printed. Backlogs are
+//! written as a service writes them: 100-row transactions from 4 writers.
+//! 1. wal: WAL the relay adds per row, from `pg_current_wal_lsn()` deltas. Steady state: writers
+//!    insert 100-row transactions at `--wal-rate` while the relay runs, minus the same writes
+//!    with no relay. After a `CHECKPOINT`: a backlog drained right after one (full-page images).
+//!    Postgres is shared, so other sessions' WAL is in every delta: the scenario also measures
+//!    the cluster's WAL while the bench idles, and (with pg_walinspect) the WAL records of the
+//!    bench's own database alone. Dead tuples the relay leaves (`n_dead_tup`, autovacuum off for
+//!    the outbox) and what a VACUUM afterwards writes.
+//! 2. drain: N rows written while the relay is stopped, then the relay (the release binary)
+//!    started; time until every row is published and recorded (marked, or covered by the
+//!    checkpoint). Without a consumer, and with one tailing the topic as production has.
+//! 3. steady: writers insert at a fixed rate in one-row transactions; a consumer compares each
 //!    record's arrival with the writer's commit time.
-//! 3. footprint: relay CPU seconds per 100k rows and peak RSS (from the drain runs), idle CPU
+//! 4. footprint: relay CPU seconds per 100k rows and peak RSS (from the drain runs), idle CPU
 //!    over `--idle-secs` with an empty outbox.
-//! 4. limits: the same Postgres read + mark statements with no Kafka, and a bare rdkafka
-//!    producer sending the same records with no Postgres; the relay's drain rate as a fraction of
-//!    the smaller.
+//! 5. limits: the relay's Postgres statements with no Kafka (read + record, and for checkpoint
+//!    mode the window reads alone), and a bare rdkafka producer sending the same records with no
+//!    Postgres; the relay's drain rate as a fraction of the smaller.
+//! 6. plan: EXPLAIN ANALYZE of the relay's own window statements (a page in the middle of a big
+//!    window, and the empty window after it), before and after ANALYZE. Once, not per run.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use posthorn::acks::Tracker;
-use posthorn::config::{OutboxTable, PoisonPolicy};
+use posthorn::config::{OutboxTable, PoisonPolicy, Tracking};
 use posthorn::contract::{header, RESERVED_HEADERS};
 use posthorn::lease::Lease;
 use posthorn::outbox::{Outbox, ReadPast};
@@ -42,13 +55,16 @@ struct Args {
     database_url: String,
     #[arg(long, env = "POSTHORN_TEST_KAFKA_BROKERS")]
     brokers: String,
-    /// Rows per drain run (and per limit run).
+    /// Rows per drain run (and per limit run, and per WAL run).
     #[arg(long, default_value_t = 1_000_000)]
     rows: u64,
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Tracking modes measured side by side (POSTHORN_TRACKING), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "rows,checkpoint", value_parser = parse_tracking)]
+    tracking: Vec<Tracking>,
     /// Steady-state rates in rows/s; 0 means "as fast as the writers go".
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,0")]
     rates: Vec<u64>,
@@ -61,13 +77,19 @@ struct Args {
     warm_up_secs: u64,
     #[arg(long, default_value_t = 30)]
     idle_secs: u64,
-    /// Which scenarios: drain, steady, idle, limits (comma-separated), or all.
+    /// The writers' rate in the WAL scenario's steady state (rows/s, in 100-row transactions).
+    #[arg(long, default_value_t = 10_000)]
+    wal_rate: u64,
+    /// Seconds over which the cluster's WAL is measured while the bench idles (per run).
+    #[arg(long, default_value_t = 5)]
+    wal_idle_secs: u64,
+    /// Which scenarios: wal, drain, steady, idle, limits, plan (comma-separated), or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
     #[arg(long, default_value = "1000")]
     batch_size: String,
     /// Extra environment for the relay, e.g. `--relay-env POSTHORN_KAFKA_LINGER_MS=10`
-    /// (repeatable).
+    /// (repeatable). POSTHORN_TRACKING is set by `--tracking`.
     #[arg(long = "relay-env")]
     relay_env: Vec<String>,
     /// The relay binary to measure (default: the one this build made), e.g. an older build for a
@@ -79,118 +101,322 @@ struct Args {
     bench: bool,
 }
 
+fn parse_tracking(value: &str) -> Result<Tracking, String> {
+    match value.trim() {
+        "rows" => Ok(Tracking::Rows),
+        "checkpoint" => Ok(Tracking::Checkpoint),
+        other => Err(format!("'{other}' is neither 'rows' nor 'checkpoint'")),
+    }
+}
+
 impl Args {
     fn wants(&self, scenario: &str) -> bool {
         self.scenarios.iter().any(|s| s == "all" || s == scenario)
     }
+
+    /// The modes in the order run `run` (from 1) measures them: as given, then reversed, so
+    /// that neither mode always goes first.
+    fn modes(&self, run: usize) -> Vec<Tracking> {
+        let mut modes = self.tracking.clone();
+        if run % 2 == 0 {
+            modes.reverse();
+        }
+        modes
+    }
 }
 
 const PAD: usize = 260; // with the other fields, a ~300-byte JSON payload
+/// Rows per writer transaction when the bench writes a backlog or the WAL scenario's rows.
+const TX_ROWS: u64 = 100;
+/// Concurrent writers when the bench writes a backlog or the WAL scenario's rows.
+const WRITERS: u64 = 4;
+
+/// Results per (measure, mode): one value per run.
+#[derive(Default)]
+struct Figures(Vec<(String, Vec<f64>, usize)>);
+
+impl Figures {
+    fn push(&mut self, name: String, value: f64, decimals: usize) {
+        match self.0.iter_mut().find(|(n, _, _)| *n == name) {
+            Some((_, values, _)) => values.push(value),
+            None => self.0.push((name, vec![value], decimals)),
+        }
+    }
+
+    fn get(&self, name: &str) -> Vec<f64> {
+        self.0
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, v, _)| v.clone())
+            .unwrap_or_default()
+    }
+
+    fn into_table(self, table: &mut Vec<(String, String)>) {
+        for (name, values, decimals) in self.0 {
+            table.push((name, summary(&values, decimals)));
+        }
+    }
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(!args.tracking.is_empty(), "--tracking names no mode");
+    anyhow::ensure!(
+        !args
+            .relay_env
+            .iter()
+            .any(|e| e.starts_with("POSTHORN_TRACKING=")),
+        "set the tracking mode with --tracking, not --relay-env"
+    );
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
+    let modes: Vec<&str> = args.tracking.iter().map(|m| m.as_str()).collect();
     println!(
-        "posthorn-bench: {cores} cores, {} rows x {} runs, {} keys, ~300-byte payloads, batch size {}",
-        args.rows, args.runs, args.keys, args.batch_size
+        "posthorn-bench: {cores} cores, {} rows x {} runs per mode ({}, interleaved), {} keys, \
+         ~300-byte payloads, batch size {}",
+        args.rows,
+        args.runs,
+        modes.join(", "),
+        args.keys,
+        args.batch_size
+    );
+    println!("  load average at start: {}", loadavg());
+    let (ssl, own_tls) = postgres_tls(&args).await?;
+    println!(
+        "  postgres: ssl = {ssl}; the bench's own connection (sqlx defaults, sslmode=prefer): {own_tls}"
     );
     let mut table: Vec<(String, String)> = Vec::new();
 
-    let mut drain_rates = Vec::new();
+    if args.wants("wal") {
+        wal_scenario(&args, &mut table).await?;
+    }
+    let mut drain_rates = Figures::default();
     if args.wants("drain") {
-        let (mut cpu_per_100k, mut rss) = (Vec::new(), Vec::new());
+        let mut figures = Figures::default();
+        let mut load = Vec::new();
+        let mut tls_checked = Vec::new();
         for run in 1..=args.runs {
-            let r = drain(&args).await?;
-            let wall = args.rows as f64 / r.rows_per_sec;
-            println!(
-                "  drain run {run}: {:.0} rows/s, {:.2} CPU s per 100k rows, peak RSS {:.1} MiB; \
-                 over {wall:.1} s wall on {cores} cores the CPU went to relay {:.1} s, postgres {:.1} s, broker {:.1} s",
-                r.rows_per_sec, r.cpu_secs_per_100k, r.peak_rss_mib, r.cpu_split.0, r.cpu_split.1, r.cpu_split.2
-            );
-            drain_rates.push(r.rows_per_sec);
-            cpu_per_100k.push(r.cpu_secs_per_100k);
-            rss.push(r.peak_rss_mib);
+            for mode in args.modes(run) {
+                for tail in [false, true] {
+                    let check_tls = !tls_checked.contains(&mode);
+                    let r = drain(&args, mode, tail, check_tls).await?;
+                    if let Some(tls) = &r.tls {
+                        println!(
+                            "  drain [{}]: the relay's connections: {tls}",
+                            mode.as_str()
+                        );
+                        tls_checked.push(mode);
+                    }
+                    let wall = args.rows as f64 / r.rows_per_sec;
+                    let consumer = match r.consumed {
+                        Some(n) => format!(
+                            ", the consumer had read {n} records when the last row was recorded"
+                        ),
+                        None => String::new(),
+                    };
+                    let with = if tail {
+                        "with a consumer"
+                    } else {
+                        "no consumer"
+                    };
+                    println!(
+                        "  drain run {run} [{}] {with}: {:.0} rows/s, {:.2} CPU s per 100k rows, peak RSS {:.1} MiB; \
+                         over {wall:.1} s wall on {cores} cores the CPU went to relay {:.1} s, postgres {:.1} s, broker {:.1} s{consumer}",
+                        mode.as_str(), r.rows_per_sec, r.cpu_secs_per_100k, r.peak_rss_mib, r.cpu_split.0, r.cpu_split.1, r.cpu_split.2
+                    );
+                    let m = mode.as_str();
+                    let name = if tail {
+                        format!("backlog drain [{m}], consumer tailing (rows/s)")
+                    } else {
+                        format!("backlog drain [{m}], no consumer (rows/s)")
+                    };
+                    drain_rates.push(name.clone(), r.rows_per_sec, 0);
+                    figures.push(name, r.rows_per_sec, 0);
+                    if !tail {
+                        figures.push(
+                            format!("relay CPU s per 100k rows [{m}], no consumer"),
+                            r.cpu_secs_per_100k,
+                            2,
+                        );
+                        figures.push(format!("relay peak RSS (MiB) [{m}]"), r.peak_rss_mib, 1);
+                    }
+                }
+            }
+            load.push(load1());
         }
-        table.push(("backlog drain (rows/s)".into(), summary(&drain_rates, 0)));
+        figures.into_table(&mut table);
         table.push((
-            "relay CPU s per 100k rows".into(),
-            summary(&cpu_per_100k, 2),
+            "load average (1 min) after each drain run".into(),
+            summary(&load, 2),
         ));
-        table.push(("relay peak RSS (MiB)".into(), summary(&rss, 1)));
     }
     if args.wants("limits") {
-        let (mut pg, mut kafka) = (Vec::new(), Vec::new());
+        let mut figures = Figures::default();
+        let mut load = Vec::new();
         for run in 1..=args.runs {
-            let p = postgres_limit(&args).await?;
+            for mode in args.modes(run) {
+                let m = mode.as_str();
+                let p = postgres_limit(&args, mode).await?;
+                println!("  limits run {run} [{m}]: postgres read+record {p:.0} rows/s");
+                figures.push(format!("limit [{m}]: postgres read+record (rows/s)"), p, 0);
+                if mode == Tracking::Checkpoint {
+                    let r = read_only_limit(&args).await?;
+                    println!("  limits run {run} [{m}]: postgres window reads alone {r:.0} rows/s");
+                    figures.push(
+                        format!("limit [{m}]: postgres window reads alone (rows/s)"),
+                        r,
+                        0,
+                    );
+                }
+            }
             let k = kafka_limit(&args).await?;
-            println!(
-                "  limits run {run}: postgres read+mark {p:.0} rows/s, kafka produce {k:.0} msgs/s"
-            );
-            pg.push(p);
-            kafka.push(k);
+            println!("  limits run {run}: kafka produce {k:.0} msgs/s");
+            figures.push("limit: kafka produce (msgs/s)".into(), k, 0);
+            load.push(load1());
         }
-        table.push(("limit: postgres read+mark (rows/s)".into(), summary(&pg, 0)));
-        table.push(("limit: kafka produce (msgs/s)".into(), summary(&kafka, 0)));
-        if !drain_rates.is_empty() {
-            let limit = median(&pg).min(median(&kafka));
-            table.push((
-                "drain / min(limits)".into(),
-                format!("{:.2}", median(&drain_rates) / limit),
-            ));
+        let kafka = median(&figures.get("limit: kafka produce (msgs/s)"));
+        let mut ratios = Vec::new();
+        for mode in &args.tracking {
+            let m = mode.as_str();
+            let drained = drain_rates.get(&format!("backlog drain [{m}], no consumer (rows/s)"));
+            let pg = figures.get(&format!("limit [{m}]: postgres read+record (rows/s)"));
+            if !drained.is_empty() {
+                ratios.push((
+                    format!("drain (no consumer) / min(limits) [{m}]"),
+                    format!("{:.2}", median(&drained) / median(&pg).min(kafka)),
+                ));
+            }
         }
+        figures.into_table(&mut table);
+        table.extend(ratios);
+        table.push((
+            "load average (1 min) after each limits run".into(),
+            summary(&load, 2),
+        ));
     }
     if args.wants("steady") {
         for &rate in &args.rates {
-            let mut results = Vec::new();
+            let mut results: Vec<(Tracking, Steady)> = Vec::new();
+            let mut load = Vec::new();
             for run in 1..=args.runs {
-                let r = steady(&args, rate).await?;
-                println!(
-                    "  steady {} run {run}: wrote {:.0}/s, delivered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms (transaction start to mark in the database: p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms)",
-                    rate_name(rate), r.write_rate, r.throughput, r.p50, r.p99, r.p999, r.max, r.db.0, r.db.1, r.db.2
-                );
-                results.push(r);
+                for mode in args.modes(run) {
+                    let r = steady(&args, rate, mode).await?;
+                    let db = match r.db {
+                        Some((p99, p999, max)) => format!(
+                            "transaction start to mark in the database: p99 {p99:.1} ms, p99.9 {p999:.1} ms, max {max:.1} ms"
+                        ),
+                        None => "no per-row mark in the database to time".into(),
+                    };
+                    println!(
+                        "  steady {} run {run} [{}]: wrote {:.0}/s, delivered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms ({db})",
+                        rate_name(rate), mode.as_str(), r.write_rate, r.throughput, r.p50, r.p99, r.p999, r.max
+                    );
+                    results.push((mode, r));
+                }
+                load.push(load1());
             }
-            let pick = |f: fn(&Steady) -> f64| results.iter().map(f).collect::<Vec<_>>();
             let name = rate_name(rate);
+            for mode in &args.tracking {
+                let m = mode.as_str();
+                let pick = |f: fn(&Steady) -> f64| {
+                    results
+                        .iter()
+                        .filter(|(r_mode, _)| r_mode == mode)
+                        .map(|(_, r)| f(r))
+                        .collect::<Vec<_>>()
+                };
+                table.push((
+                    format!("steady {name} [{m}]: delivered (rows/s)"),
+                    summary(&pick(|r| r.throughput), 0),
+                ));
+                table.push((
+                    format!("steady {name} [{m}]: p50 / p99 / p99.9 / max (ms)"),
+                    format!(
+                        "{:.1} / {:.1} / {:.1} / {:.1}",
+                        median(&pick(|r| r.p50)),
+                        median(&pick(|r| r.p99)),
+                        median(&pick(|r| r.p999)),
+                        median(&pick(|r| r.max))
+                    ),
+                ));
+                table.push((
+                    format!("steady {name} [{m}]: p50 spread (ms)"),
+                    summary(&pick(|r| r.p50), 1),
+                ));
+                table.push((
+                    format!("steady {name} [{m}]: p99 spread (ms)"),
+                    summary(&pick(|r| r.p99), 1),
+                ));
+            }
             table.push((
-                format!("steady {name}: delivered (rows/s)"),
-                summary(&pick(|r| r.throughput), 0),
-            ));
-            table.push((
-                format!("steady {name}: p50 / p99 / p99.9 / max (ms)"),
-                format!(
-                    "{:.1} / {:.1} / {:.1} / {:.1}",
-                    median(&pick(|r| r.p50)),
-                    median(&pick(|r| r.p99)),
-                    median(&pick(|r| r.p999)),
-                    median(&pick(|r| r.max))
-                ),
-            ));
-            table.push((
-                format!("steady {name}: p99 spread (ms)"),
-                summary(&pick(|r| r.p99), 1),
+                format!("load average (1 min) after each steady {name} run"),
+                summary(&load, 2),
             ));
         }
     }
     if args.wants("idle") {
-        let mut idle = Vec::new();
-        for _ in 1..=args.runs {
-            idle.push(idle_cpu(&args).await?);
+        let mut figures = Figures::default();
+        for run in 1..=args.runs {
+            for mode in args.modes(run) {
+                figures.push(
+                    format!(
+                        "idle CPU over {} s (% of one core) [{}]",
+                        args.idle_secs,
+                        mode.as_str()
+                    ),
+                    idle_cpu(&args, mode).await?,
+                    3,
+                );
+            }
         }
-        table.push((
-            format!("idle CPU over {} s (% of one core)", args.idle_secs),
-            summary(&idle, 3),
-        ));
+        figures.into_table(&mut table);
+    }
+    if args.wants("plan") && args.tracking.contains(&Tracking::Checkpoint) {
+        plan(&args).await?;
     }
 
+    println!("\n  load average at the end: {}", loadavg());
     println!("\n| measure ({cores} cores) | median [min–max] |\n|---|---|");
     for (k, v) in &table {
         println!("| {k} | {v} |");
     }
     Ok(())
+}
+
+/// /proc/loadavg's 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// `SHOW ssl`, and whether the bench's own connection (sqlx's defaults) uses TLS.
+async fn postgres_tls(args: &Args) -> anyhow::Result<(String, String)> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&args.database_url)
+        .await?;
+    let ssl: String = sqlx::query_scalar("SHOW ssl").fetch_one(&pool).await?;
+    let (on, version): (bool, Option<String>) =
+        sqlx::query_as("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&pool)
+            .await?;
+    pool.close().await;
+    let own = if on {
+        format!("TLS ({})", version.unwrap_or_default())
+    } else {
+        "no TLS".into()
+    };
+    Ok((ssl, own))
 }
 
 fn rate_name(rate: u64) -> String {
@@ -224,6 +450,19 @@ fn summary(xs: &[f64], decimals: usize) -> String {
     )
 }
 
+const INSERT_RANGE: &str =
+    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+     SELECT 'bench', 'key-' || (g % $3), 'BenchEvent', \
+            jsonb_build_object('seq', g, 'pad', repeat('x', $4)) \
+     FROM generate_series($1::bigint, $2::bigint) g";
+
+/// Rows in state "not yet published" (the spec's "pending", valid in both modes) for row `o`.
+const PENDING: &str = "o.delivered_at IS NULL AND o.failed_at IS NULL \
+     AND NOT EXISTS (SELECT 1 FROM outbox_checkpoint c \
+         WHERE pg_visible_in_snapshot(o.txid, c.snapshot) \
+            OR (c.window_end IS NOT NULL AND pg_visible_in_snapshot(o.txid, c.window_end) \
+                AND o.id <= c.position))";
+
 /// A fresh database (migrated by the real binary) and topic for one run.
 struct Setup {
     admin: String,
@@ -248,7 +487,7 @@ impl Setup {
         let mut url = url::Url::parse(&args.database_url)?;
         url.set_path(&format!("/{name}"));
         let url = url.to_string();
-        let status = posthorn_cmd(&url, args, "unused")
+        let status = posthorn_cmd(&url, args, "unused", Tracking::Rows)
             .arg("migrate")
             .stdout(Stdio::null())
             .status()?;
@@ -270,27 +509,60 @@ impl Setup {
         })
     }
 
+    /// `rows` rows as a service writes them: 100-row transactions from 4 writers, as fast as
+    /// they go.
     async fn load(&self, rows: u64, keys: u64) -> anyhow::Result<()> {
-        sqlx::query(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'bench', 'key-' || (g % $2), 'BenchEvent', \
-                    jsonb_build_object('seq', g, 'pad', repeat('x', $3)) \
-             FROM generate_series(1, $1) g",
-        )
-        .bind(rows as i64)
-        .bind(keys as i64)
-        .bind(PAD as i32)
-        .execute(&self.pool)
-        .await?;
+        write_transactions(&self.pool, rows, keys, None).await?;
         Ok(())
     }
 
-    async fn pending(&self) -> anyhow::Result<bool> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL)",
-        )
-        .fetch_one(&self.pool)
-        .await?)
+    /// For the measurements of WAL and dead tuples: no autovacuum on the outbox (it would add
+    /// its own WAL at a time of its choosing, and remove the dead tuples being counted).
+    async fn disable_autovacuum(&self) -> anyhow::Result<()> {
+        sqlx::raw_sql("ALTER TABLE outbox SET (autovacuum_enabled = false)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether a row is not yet published, in `tracking`'s terms. In checkpoint mode, first the
+    /// newest row (cheap; while it is pending, so is the backlog), then every row whose
+    /// transaction the checkpoint's snapshot does not already cover (a pending row's txid is at
+    /// or above that snapshot's xmin).
+    async fn pending(&self, tracking: Tracking) -> anyhow::Result<bool> {
+        let sql = match tracking {
+            Tracking::Rows => {
+                return Ok(sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL)",
+                )
+                .fetch_one(&self.pool)
+                .await?);
+            }
+            Tracking::Checkpoint => format!(
+                "SELECT EXISTS (SELECT 1 FROM outbox o WHERE o.id = (SELECT max(id) FROM outbox) AND {PENDING})"
+            ),
+        };
+        let newest: bool = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await?;
+        if newest {
+            return Ok(true);
+        }
+        let any = format!(
+            "SELECT EXISTS (SELECT 1 FROM outbox o \
+             WHERE o.txid >= coalesce((SELECT pg_snapshot_xmin(snapshot) FROM outbox_checkpoint), '0'::xid8) \
+               AND {PENDING})"
+        );
+        Ok(sqlx::query_scalar(AssertSqlSafe(any))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn wait_published(&self, tracking: Tracking, poll: Duration) -> anyhow::Result<()> {
+        while self.pending(tracking).await? {
+            tokio::time::sleep(poll).await;
+        }
+        Ok(())
     }
 
     async fn drop(self) -> anyhow::Result<()> {
@@ -318,7 +590,52 @@ impl Setup {
     }
 }
 
-fn posthorn_cmd(url: &str, args: &Args, topic: &str) -> Command {
+/// `rows` rows in transactions of `TX_ROWS` rows from `WRITERS` writers: as fast as they go, or
+/// at `rate` rows/s in all. Returns the seconds it took.
+async fn write_transactions(
+    pool: &PgPool,
+    rows: u64,
+    keys: u64,
+    rate: Option<u64>,
+) -> anyhow::Result<f64> {
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        let (pool, next) = (pool.clone(), next.clone());
+        let tx_per_sec = rate.map(|r| r as f64 / TX_ROWS as f64 / WRITERS as f64);
+        writers.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            loop {
+                if let Some(tx_per_sec) = tx_per_sec {
+                    let due = started + Duration::from_secs_f64(done as f64 / tx_per_sec);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let first = next.fetch_add(TX_ROWS, Ordering::Relaxed);
+                if first >= rows {
+                    break;
+                }
+                let last = (first + TX_ROWS).min(rows) - 1;
+                sqlx::query(INSERT_RANGE)
+                    .bind(first as i64)
+                    .bind(last as i64)
+                    .bind(keys as i64)
+                    .bind(PAD as i32)
+                    .execute(&pool)
+                    .await?;
+                done += 1;
+            }
+            Ok::<_, sqlx::Error>(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The relay binary's command, with `POSTHORN_TRACKING=tracking`.
+fn posthorn_cmd(url: &str, args: &Args, topic: &str, tracking: Tracking) -> Command {
     let binary = args
         .posthorn
         .clone()
@@ -329,6 +646,7 @@ fn posthorn_cmd(url: &str, args: &Args, topic: &str) -> Command {
         .env("POSTHORN_KAFKA_BROKERS", &args.brokers)
         .env("POSTHORN_TOPIC_TEMPLATE", topic)
         .env("POSTHORN_BATCH_SIZE", &args.batch_size)
+        .env("POSTHORN_TRACKING", tracking.as_str())
         .env("POSTHORN_LOG", "warn")
         .stdin(Stdio::null());
     for pair in &args.relay_env {
@@ -390,37 +708,112 @@ fn cpu_of_processes(name: &str) -> f64 {
         .sum()
 }
 
+/// A consumer reading a topic from its start while the relay writes it, as production has one:
+/// the broker serves its fetches while it takes the relay's writes.
+struct Tail {
+    done: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Tail {
+    fn start(brokers: &str, topic: &str) -> Tail {
+        let done = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (brokers, topic, done, count) = (
+                brokers.to_owned(),
+                topic.to_owned(),
+                done.clone(),
+                count.clone(),
+            );
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let c: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("group.id", format!("posthorn-bench-tail-{topic}"))
+                    .create()?;
+                let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+                let mut tpl = TopicPartitionList::new();
+                for p in md.topics()[0].partitions() {
+                    tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+                }
+                c.assign(&tpl)?;
+                let mut bytes = 0usize;
+                while !done.load(Ordering::Relaxed) {
+                    if let Some(m) = c.poll(Duration::from_millis(50)) {
+                        bytes += m?.payload().map_or(0, |p| p.len());
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::hint::black_box(bytes);
+                Ok(())
+            })
+        };
+        Tail {
+            done,
+            count,
+            thread,
+        }
+    }
+
+    /// Stops the consumer; how many records it had read.
+    fn stop(self) -> anyhow::Result<u64> {
+        let n = self.count.load(Ordering::Relaxed);
+        self.done.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+        Ok(n)
+    }
+}
+
 struct Drain {
     /// CPU seconds of (relay, postgres, broker) during the drain: where the machine's time went.
     cpu_split: (f64, f64, f64),
     rows_per_sec: f64,
     cpu_secs_per_100k: f64,
     peak_rss_mib: f64,
+    /// Records the tailing consumer had read when the last row was recorded.
+    consumed: Option<u64>,
+    /// The relay's Postgres connections and whether they use TLS, if asked for.
+    tls: Option<String>,
 }
 
-async fn drain(args: &Args) -> anyhow::Result<Drain> {
+async fn drain(
+    args: &Args,
+    tracking: Tracking,
+    tail: bool,
+    check_tls: bool,
+) -> anyhow::Result<Drain> {
     let setup = Setup::new(args, "drain").await?;
     setup.load(args.rows, args.keys).await?;
+    let consumer = tail.then(|| Tail::start(&args.brokers, &setup.topic));
     // The broker is Apache Kafka, a `java` process (every JVM on the machine counts: run the
     // bench with no other Kafka up).
     let (pg_before, broker_before) = (cpu_of_processes("postgres"), cpu_of_processes("java"));
     let started = Instant::now();
-    let child = posthorn_cmd(&setup.url, args, &setup.topic)
+    let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
         .arg("run")
         .spawn()?;
     let pid = child.id();
     let mut last = (0.0, 0.0);
-    while setup.pending().await? {
+    while setup.pending(tracking).await? {
         last = cpu_and_rss(pid);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let consumed = consumer.map(Tail::stop).transpose()?;
     let (pg_after, broker_after) = (cpu_of_processes("postgres"), cpu_of_processes("java"));
     let (cpu, rss) = cpu_and_rss(pid);
     let (cpu, rss) = (
         if cpu.is_nan() { last.0 } else { cpu },
         if rss.is_nan() { last.1 } else { rss },
     );
+    let tls = if check_tls {
+        Some(relay_tls(&setup.pool).await?)
+    } else {
+        None
+    };
     stop(child);
     setup.drop().await?;
     Ok(Drain {
@@ -428,13 +821,29 @@ async fn drain(args: &Args) -> anyhow::Result<Drain> {
         rows_per_sec: args.rows as f64 / elapsed,
         cpu_secs_per_100k: cpu / (args.rows as f64 / 100_000.0),
         peak_rss_mib: rss,
+        consumed,
+        tls,
     })
 }
 
-/// The relay's own read and mark statements in a loop, with every row acknowledged at once.
-async fn postgres_limit(args: &Args) -> anyhow::Result<f64> {
-    let setup = Setup::new(args, "pglimit").await?;
-    setup.load(args.rows, args.keys).await?;
+/// The relay's sessions in this database (application names "posthorn ..."), from pg_stat_ssl.
+async fn relay_tls(pool: &PgPool) -> anyhow::Result<String> {
+    let (on, all, versions): (i64, i64, Option<String>) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*), \
+                string_agg(DISTINCT s.version || ' ' || s.cipher, ', ') \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.datname = current_database() AND a.application_name LIKE 'posthorn%'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(format!(
+        "{on} of {all} on TLS ({})",
+        versions.unwrap_or_else(|| "none".into())
+    ))
+}
+
+/// An outbox handle of mode `tracking` on the bench's pool, and a lease epoch to record with.
+async fn bench_outbox(setup: &Setup, tracking: Tracking) -> anyhow::Result<(Outbox, i64)> {
     let table = OutboxTable {
         schema: "public".into(),
         table: "outbox".into(),
@@ -450,12 +859,22 @@ async fn postgres_limit(args: &Args) -> anyhow::Result<f64> {
         .await?
         .ok_or_else(|| anyhow::anyhow!("lease"))?
         .epoch;
-    let outbox = Outbox::with_pool(setup.pool.clone(), &table, PoisonPolicy::DeadLetter);
+    let outbox = Outbox::with_pool(setup.pool.clone(), &table, PoisonPolicy::DeadLetter)
+        .tracked_by(tracking);
+    Ok((outbox, epoch))
+}
+
+/// The relay's own read and record statements (`posthorn::outbox::Outbox` in mode `tracking`)
+/// in a loop, with every row acknowledged at once.
+async fn postgres_limit(args: &Args, tracking: Tracking) -> anyhow::Result<f64> {
+    let setup = Setup::new(args, "pglimit").await?;
+    setup.load(args.rows, args.keys).await?;
+    let (outbox, epoch) = bench_outbox(&setup, tracking).await?;
     let batch: usize = args.batch_size.parse()?;
     let started = Instant::now();
     let mut n = 0u64;
     // The relay's statements in the relay's order, one after the other: read the next batch
-    // past the one "in flight" (the read and its check), mark that one, repeat.
+    // past the one "in flight" (the read and, in rows mode, its check), record that one, repeat.
     let mut in_flight: Vec<posthorn::outbox::OutboxRow> = Vec::new();
     loop {
         let sent: Vec<i64> = in_flight.iter().map(|r| r.id).collect();
@@ -476,6 +895,43 @@ async fn postgres_limit(args: &Args) -> anyhow::Result<f64> {
         in_flight = rows;
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        n == args.rows,
+        "the {} limit recorded {n} of {} rows",
+        tracking.as_str(),
+        args.rows
+    );
+    setup.drop().await?;
+    Ok(rate)
+}
+
+/// Checkpoint mode's window reads alone (the relay's own statements, through `Outbox`): the
+/// backlog is one window, read a page at a time past the page before, nothing recorded.
+async fn read_only_limit(args: &Args) -> anyhow::Result<f64> {
+    let setup = Setup::new(args, "readlimit").await?;
+    setup.load(args.rows, args.keys).await?;
+    let (outbox, _) = bench_outbox(&setup, Tracking::Checkpoint).await?;
+    let batch: usize = args.batch_size.parse()?;
+    let started = Instant::now();
+    let mut n = 0u64;
+    let mut sent: Vec<i64> = Vec::new();
+    loop {
+        let rows = match outbox.fetch_after(batch, &sent).await? {
+            ReadPast::Rows(rows) => rows,
+            ReadPast::RowBelow(_) => anyhow::bail!("checkpoint mode never reads below"),
+        };
+        if rows.is_empty() {
+            break;
+        }
+        n += rows.len() as u64;
+        sent = rows.iter().map(|r| r.id).collect();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        n == args.rows,
+        "the window reads returned {n} of {} rows",
+        args.rows
+    );
     setup.drop().await?;
     Ok(rate)
 }
@@ -586,8 +1042,8 @@ async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
 struct Steady {
     /// p99, p99.9 and max of delivered_at - created_at in the database: from the writer's
     /// transaction start (`now()`) to the mark, on one clock. Its tail against the consumer's
-    /// says on which side of the mark a delay was.
-    db: (f64, f64, f64),
+    /// says on which side of the mark a delay was. None in checkpoint mode (no per-row mark).
+    db: Option<(f64, f64, f64)>,
     write_rate: f64,
     throughput: f64,
     p50: f64,
@@ -596,9 +1052,9 @@ struct Steady {
     max: f64,
 }
 
-async fn steady(args: &Args, rate: u64) -> anyhow::Result<Steady> {
+async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<Steady> {
     let setup = Setup::new(args, "steady").await?;
-    let child = posthorn_cmd(&setup.url, args, &setup.topic)
+    let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
         .arg("run")
         .spawn()?;
     // Warm up: wait until a warm-up row (no `seq`, so the consumer skips it) is delivered, so
@@ -612,7 +1068,7 @@ async fn steady(args: &Args, rate: u64) -> anyhow::Result<Steady> {
     .execute(&setup.pool)
     .await?;
     let warm_up_deadline = Instant::now() + Duration::from_secs(30);
-    while setup.pending().await? {
+    while setup.pending(tracking).await? {
         anyhow::ensure!(
             Instant::now() < warm_up_deadline,
             "the relay did not deliver the warm-up row within 30 s"
@@ -720,20 +1176,25 @@ async fn steady(args: &Args, rate: u64) -> anyhow::Result<Steady> {
     }
     let write_secs = window_started.elapsed().as_secs_f64();
     let n_written = next_seq.load(Ordering::Relaxed).min(commit_ns.len() as u64) - measured_from;
-    while setup.pending().await? {
+    while setup.pending(tracking).await? {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let delivered_secs = window_started.elapsed().as_secs_f64();
-    let db: (f64, f64, f64) = sqlx::query_as(
-        "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), \
-                percentile_cont(0.999) WITHIN GROUP (ORDER BY ms), max(ms) \
-         FROM (SELECT (extract(epoch FROM delivered_at - created_at) * 1000)::float8 AS ms \
-               FROM outbox WHERE aggregate_id <> 'warm-up' \
-                 AND (payload->>'seq')::bigint >= $1) AS t",
-    )
-    .bind(measured_from as i64)
-    .fetch_one(&setup.pool)
-    .await?;
+    let db = match tracking {
+        Tracking::Rows => Some(
+            sqlx::query_as(
+                "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), \
+                        percentile_cont(0.999) WITHIN GROUP (ORDER BY ms), max(ms) \
+                 FROM (SELECT (extract(epoch FROM delivered_at - created_at) * 1000)::float8 AS ms \
+                       FROM outbox WHERE aggregate_id <> 'warm-up' \
+                         AND (payload->>'seq')::bigint >= $1) AS t",
+            )
+            .bind(measured_from as i64)
+            .fetch_one(&setup.pool)
+            .await?,
+        ),
+        Tracking::Checkpoint => None,
+    };
     // Let the consumer read the last records.
     tokio::time::sleep(Duration::from_millis(500)).await;
     consumer_done.store(true, Ordering::Relaxed);
@@ -764,9 +1225,9 @@ async fn steady(args: &Args, rate: u64) -> anyhow::Result<Steady> {
     })
 }
 
-async fn idle_cpu(args: &Args) -> anyhow::Result<f64> {
+async fn idle_cpu(args: &Args, tracking: Tracking) -> anyhow::Result<f64> {
     let setup = Setup::new(args, "idle").await?;
-    let child = posthorn_cmd(&setup.url, args, &setup.topic)
+    let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
         .arg("run")
         .spawn()?;
     tokio::time::sleep(Duration::from_secs(2)).await; // start-up is not idle
@@ -776,4 +1237,613 @@ async fn idle_cpu(args: &Args) -> anyhow::Result<f64> {
     stop(child);
     setup.drop().await?;
     Ok((after - before) / args.idle_secs as f64 * 100.0)
+}
+
+async fn lsn(pool: &PgPool) -> anyhow::Result<String> {
+    Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Bytes of WAL from `from` to `to` (`pg_wal_lsn_diff`).
+async fn lsn_diff(pool: &PgPool, from: &str, to: &str) -> anyhow::Result<f64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff($2::pg_lsn, $1::pg_lsn)::float8")
+            .bind(from)
+            .bind(to)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// The WAL records of one database alone, with pg_walinspect: records with a block of one of
+/// its relations, and the records (commits) of the transactions that wrote them. Every delta of
+/// `pg_current_wal_lsn()` also counts the other sessions' WAL; this does not.
+struct WalInspect {
+    /// `%/<database oid>/%`, as the database appears in `block_ref` ("rel 1663/<db>/<rel>").
+    pattern: String,
+}
+
+impl WalInspect {
+    async fn new(pool: &PgPool) -> Option<WalInspect> {
+        let created = sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+            .execute(pool)
+            .await;
+        if let Err(err) = created {
+            println!("  (no pg_walinspect, so no per-database WAL figures: {err})");
+            return None;
+        }
+        let oid: i64 = sqlx::query_scalar(
+            "SELECT oid::bigint FROM pg_database WHERE datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await
+        .ok()?;
+        Some(WalInspect {
+            pattern: format!("%/{oid}/%"),
+        })
+    }
+
+    /// (bytes, of them full-page images) of this database's records from `from` to `to`.
+    async fn ours(&self, pool: &PgPool, from: &str, to: &str) -> Option<(f64, f64)> {
+        if lsn_diff(pool, from, to).await.ok()? <= 0.0 {
+            return Some((0.0, 0.0));
+        }
+        // pg_walinspect reads only flushed WAL.
+        for _ in 0..100 {
+            let flushed: bool =
+                sqlx::query_scalar("SELECT pg_current_wal_flush_lsn() >= $1::pg_lsn")
+                    .bind(to)
+                    .fetch_one(pool)
+                    .await
+                    .ok()?;
+            if flushed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let found = sqlx::query_as(
+            "WITH r AS MATERIALIZED ( \
+                 SELECT xid::text::bigint AS x, coalesce(block_ref LIKE $3, false) AS mine, \
+                        pg_wal_lsn_diff(end_lsn, start_lsn) AS len, fpi_length \
+                 FROM pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn)) \
+             SELECT coalesce(sum(len), 0)::float8, coalesce(sum(fpi_length), 0)::float8 FROM r \
+             WHERE mine OR (x <> 0 AND x IN (SELECT x FROM r WHERE mine AND x <> 0))",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(&self.pattern)
+        .fetch_one(pool)
+        .await;
+        match found {
+            Ok(bytes) => Some(bytes),
+            Err(err) => {
+                println!("  (pg_walinspect from {from} to {to}: {err})");
+                None
+            }
+        }
+    }
+}
+
+/// The outbox's tuple counters, once the sessions that wrote it have flushed their statistics
+/// (`inserted` rows counted: the writers' sessions flush within a second of going idle, the
+/// relay's when it exits), and two readings half a second apart agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tuples {
+    inserted: i64,
+    dead: i64,
+    updated: i64,
+    hot_updated: i64,
+}
+
+async fn tuples(pool: &PgPool, inserted: u64) -> anyhow::Result<Tuples> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
+    loop {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(pool)
+            .await?;
+        let (inserted_now, dead, updated, hot_updated): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT n_tup_ins, n_dead_tup, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables \
+             WHERE schemaname = 'public' AND relname = 'outbox'",
+        )
+        .fetch_one(pool)
+        .await?;
+        let now = Tuples {
+            inserted: inserted_now,
+            dead,
+            updated,
+            hot_updated,
+        };
+        if now.inserted >= inserted as i64 && last == Some(now) {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            println!("  (statistics not settled after 20 s: {now:?}, {inserted} rows inserted)");
+            return Ok(now);
+        }
+        last = Some(now);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// WAL of a plain VACUUM of the outbox (what autovacuum would write later): (bytes, this
+/// database's records only).
+async fn vacuum(pool: &PgPool, inspect: Option<&WalInspect>) -> anyhow::Result<WalBytes> {
+    let from = lsn(pool).await?;
+    sqlx::raw_sql("VACUUM outbox").execute(pool).await?;
+    let to = lsn(pool).await?;
+    let bytes = lsn_diff(pool, &from, &to).await?;
+    let ours = match inspect {
+        Some(i) => i.ours(pool, &from, &to).await,
+        None => None,
+    };
+    Ok(WalBytes { bytes, ours })
+}
+
+/// WAL over a stretch: the `pg_current_wal_lsn()` delta (every session's), and this database's
+/// records alone (bytes, of them full-page images) if pg_walinspect could tell.
+#[derive(Debug, Clone, Copy)]
+struct WalBytes {
+    bytes: f64,
+    ours: Option<(f64, f64)>,
+}
+
+impl WalBytes {
+    async fn measure(
+        pool: &PgPool,
+        inspect: Option<&WalInspect>,
+        from: &str,
+        to: &str,
+    ) -> anyhow::Result<WalBytes> {
+        let bytes = lsn_diff(pool, from, to).await?;
+        let ours = match inspect {
+            Some(i) => i.ours(pool, from, to).await,
+            None => None,
+        };
+        Ok(WalBytes { bytes, ours })
+    }
+
+    fn describe(&self, rows: u64) -> String {
+        let n = rows as f64;
+        match self.ours {
+            Some((ours, fpi)) => format!(
+                "{:.1} B/row (this database's records alone {:.1} B/row, {:.1} of them full-page images)",
+                self.bytes / n,
+                ours / n,
+                fpi / n
+            ),
+            None => format!("{:.1} B/row", self.bytes / n),
+        }
+    }
+}
+
+/// The cluster's WAL per second while the bench does nothing: other sessions' writes.
+async fn idle_wal(args: &Args) -> anyhow::Result<f64> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&args.database_url)
+        .await?;
+    let from = lsn(&pool).await?;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.wal_idle_secs)).await;
+    let to = lsn(&pool).await?;
+    let bytes = lsn_diff(&pool, &from, &to).await?;
+    pool.close().await;
+    Ok(bytes / started.elapsed().as_secs_f64())
+}
+
+struct WalSteady {
+    /// Seconds from the first write to the last row published (to the last write without a
+    /// relay).
+    secs: f64,
+    wal: WalBytes,
+    tuples: Tuples,
+    vacuum: WalBytes,
+}
+
+/// Writers insert `--rows` rows in 100-row transactions at `--wal-rate` while the relay of mode
+/// `tracking` runs (with no relay if None); the WAL from the first write until every row is
+/// published.
+async fn wal_steady(args: &Args, tracking: Option<Tracking>) -> anyhow::Result<WalSteady> {
+    let setup = Setup::new(args, "wal").await?;
+    setup.disable_autovacuum().await?;
+    let inspect = WalInspect::new(&setup.pool).await;
+    let child = match tracking {
+        Some(tracking) => Some(
+            posthorn_cmd(&setup.url, args, &setup.topic, tracking)
+                .arg("run")
+                .spawn()?,
+        ),
+        None => None,
+    };
+    // A warm-up row with and without the relay (the relay's start is not steady state).
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('bench', 'warm-up', 'BenchEvent', '{}')",
+    )
+    .execute(&setup.pool)
+    .await?;
+    if let Some(tracking) = tracking {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while setup.pending(tracking).await? {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the relay did not deliver the warm-up row within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let from = lsn(&setup.pool).await?;
+    let started = Instant::now();
+    write_transactions(&setup.pool, args.rows, args.keys, Some(args.wal_rate)).await?;
+    if let Some(tracking) = tracking {
+        setup
+            .wait_published(tracking, Duration::from_millis(20))
+            .await?;
+    }
+    let to = lsn(&setup.pool).await?;
+    let secs = started.elapsed().as_secs_f64();
+    if let Some(child) = child {
+        stop(child);
+    }
+    let wal = WalBytes::measure(&setup.pool, inspect.as_ref(), &from, &to).await?;
+    let tuples = tuples(&setup.pool, args.rows + 1).await?;
+    let vacuum = vacuum(&setup.pool, inspect.as_ref()).await?;
+    setup.drop().await?;
+    Ok(WalSteady {
+        secs,
+        wal,
+        tuples,
+        vacuum,
+    })
+}
+
+struct WalDrain {
+    secs: f64,
+    /// The backlog's inserts (no relay running).
+    insert: WalBytes,
+    /// From the CHECKPOINT's end until every row is published: the relay's.
+    relay: WalBytes,
+    tuples: Tuples,
+}
+
+/// A backlog of `--rows` rows in 100-row transactions, then a CHECKPOINT, then the relay of mode
+/// `tracking` drains it: every page it writes is its first write since the checkpoint.
+async fn wal_after_checkpoint(args: &Args, tracking: Tracking) -> anyhow::Result<WalDrain> {
+    let setup = Setup::new(args, "walcp").await?;
+    setup.disable_autovacuum().await?;
+    let inspect = WalInspect::new(&setup.pool).await;
+    let a = lsn(&setup.pool).await?;
+    setup.load(args.rows, args.keys).await?;
+    let b = lsn(&setup.pool).await?;
+    sqlx::raw_sql("CHECKPOINT").execute(&setup.pool).await?;
+    let c = lsn(&setup.pool).await?;
+    let started = Instant::now();
+    let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
+        .arg("run")
+        .spawn()?;
+    setup
+        .wait_published(tracking, Duration::from_millis(50))
+        .await?;
+    let d = lsn(&setup.pool).await?;
+    let secs = started.elapsed().as_secs_f64();
+    stop(child);
+    let insert = WalBytes::measure(&setup.pool, inspect.as_ref(), &a, &b).await?;
+    let relay = WalBytes::measure(&setup.pool, inspect.as_ref(), &c, &d).await?;
+    let tuples = tuples(&setup.pool, args.rows).await?;
+    setup.drop().await?;
+    Ok(WalDrain {
+        secs,
+        insert,
+        relay,
+        tuples,
+    })
+}
+
+async fn wal_scenario(args: &Args, table: &mut Vec<(String, String)>) -> anyhow::Result<()> {
+    let n = args.rows as f64;
+    let mut figures = Figures::default();
+    let (mut idle_rates, mut steady_secs, mut drain_secs, mut load) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    println!(
+        "  wal: {} rows per run in {TX_ROWS}-row transactions from {WRITERS} writers (steady state at {} rows/s), \
+         autovacuum off for the outbox",
+        args.rows, args.wal_rate
+    );
+    for run in 1..=args.runs {
+        let idle = idle_wal(args).await?;
+        println!(
+            "  wal run {run}: the cluster's WAL while the bench idles: {idle:.0} B/s over {} s",
+            args.wal_idle_secs
+        );
+        idle_rates.push(idle);
+
+        let base = wal_steady(args, None).await?;
+        println!(
+            "  wal run {run} steady [no relay]: {:.1} s, {}; dead tuples {}; VACUUM after: {}",
+            base.secs,
+            base.wal.describe(args.rows),
+            base.tuples.dead,
+            base.vacuum.describe(args.rows)
+        );
+        steady_secs.push(base.secs);
+        figures.push(
+            "wal steady: service insert, no relay (B/row)".into(),
+            base.wal.bytes / n,
+            1,
+        );
+        if let Some((ours, _)) = base.wal.ours {
+            figures.push(
+                "wal steady: service insert, no relay, this database's records alone (B/row)"
+                    .into(),
+                ours / n,
+                1,
+            );
+        }
+        figures.push(
+            "VACUUM after the steady run [no relay] (B/row)".into(),
+            base.vacuum.bytes / n,
+            1,
+        );
+        for mode in args.modes(run) {
+            let m = mode.as_str();
+            let r = wal_steady(args, Some(mode)).await?;
+            let added = (r.wal.bytes - base.wal.bytes) / n;
+            let ratio = 100.0 * added / (base.wal.bytes / n);
+            let ours = match (base.wal.ours, r.wal.ours) {
+                (Some((b, b_fpi)), Some((o, o_fpi))) => {
+                    let added = (o - b) / n;
+                    let ratio = 100.0 * added / (b / n);
+                    figures.push(
+                        format!(
+                            "wal steady [{m}]: relay-added, this database's records alone (B/row)"
+                        ),
+                        added,
+                        1,
+                    );
+                    figures.push(
+                        format!("wal steady [{m}]: relay-added / service insert, this database's records alone (%)"),
+                        ratio,
+                        1,
+                    );
+                    format!(
+                        "; this database's records alone: relay-added {added:.1} B/row ({ratio:.1}%), full-page images {:.1} B/row",
+                        (o_fpi - b_fpi) / n
+                    )
+                }
+                _ => String::new(),
+            };
+            println!(
+                "  wal run {run} steady [{m}]: {:.1} s, {}; relay-added {added:.1} B/row ({ratio:.1}% of the service's insert){ours}; \
+                 dead tuples {} ({} updates, {} HOT); VACUUM after: {}",
+                r.secs,
+                r.wal.describe(args.rows),
+                r.tuples.dead,
+                r.tuples.updated,
+                r.tuples.hot_updated,
+                r.vacuum.describe(args.rows)
+            );
+            steady_secs.push(r.secs);
+            figures.push(format!("wal steady [{m}]: relay-added (B/row)"), added, 1);
+            figures.push(
+                format!("wal steady [{m}]: relay-added / service insert (%)"),
+                ratio,
+                1,
+            );
+            figures.push(
+                format!("dead tuples per row after the steady run [{m}]"),
+                r.tuples.dead as f64 / n,
+                3,
+            );
+            figures.push(
+                format!("VACUUM after the steady run [{m}] (B/row)"),
+                r.vacuum.bytes / n,
+                1,
+            );
+        }
+        for mode in args.modes(run) {
+            let m = mode.as_str();
+            let r = wal_after_checkpoint(args, mode).await?;
+            let ratio = 100.0 * r.relay.bytes / r.insert.bytes;
+            println!(
+                "  wal run {run} drain after CHECKPOINT [{m}]: backlog insert {}; the relay's drain ({:.1} s): {} \
+                 ({ratio:.1}% of the insert); dead tuples {} ({} updates, {} HOT)",
+                r.insert.describe(args.rows),
+                r.secs,
+                r.relay.describe(args.rows),
+                r.tuples.dead,
+                r.tuples.updated,
+                r.tuples.hot_updated
+            );
+            drain_secs.push(r.secs);
+            figures.push(
+                format!("wal drain after CHECKPOINT [{m}]: relay (B/row)"),
+                r.relay.bytes / n,
+                1,
+            );
+            figures.push(
+                format!("wal drain after CHECKPOINT [{m}]: relay / service insert (%)"),
+                ratio,
+                1,
+            );
+            if let (Some((insert, _)), Some((relay, fpi))) = (r.insert.ours, r.relay.ours) {
+                figures.push(
+                    format!("wal drain after CHECKPOINT [{m}]: relay, this database's records alone (B/row)"),
+                    relay / n,
+                    1,
+                );
+                figures.push(
+                    format!("wal drain after CHECKPOINT [{m}]: of which full-page images (B/row)"),
+                    fpi / n,
+                    1,
+                );
+                figures.push(
+                    format!("wal drain after CHECKPOINT [{m}]: relay / service insert, this database's records alone (%)"),
+                    100.0 * relay / insert,
+                    1,
+                );
+            }
+            figures.push(
+                format!("dead tuples per row after the drain [{m}]"),
+                r.tuples.dead as f64 / n,
+                3,
+            );
+        }
+        load.push(load1());
+    }
+    figures.into_table(table);
+    let idle = median(&idle_rates);
+    table.push((
+        "wal: the cluster's WAL while the bench idles (B/s)".into(),
+        summary(&idle_rates, 0),
+    ));
+    table.push((
+        "wal: that over a steady run / after-CHECKPOINT drain (B/row)".into(),
+        format!(
+            "{:.1} / {:.1}",
+            idle * median(&steady_secs) / n,
+            idle * median(&drain_secs) / n
+        ),
+    ));
+    table.push((
+        "load average (1 min) after each wal run".into(),
+        summary(&load, 2),
+    ));
+    Ok(())
+}
+
+/// The statement a session ran last (or runs), if pg_stat_activity holds all of it.
+async fn last_statement(pool: &PgPool, pid: i32) -> anyhow::Result<Result<String, String>> {
+    let (query, limit): (String, i32) = sqlx::query_as(
+        "SELECT query, (SELECT setting::int FROM pg_settings \
+                        WHERE name = 'track_activity_query_size') \
+         FROM pg_stat_activity WHERE pid = $1",
+    )
+    .bind(pid)
+    .fetch_one(pool)
+    .await?;
+    if query.len() + 1 >= limit as usize {
+        return Ok(Err(format!(
+            "truncated at track_activity_query_size ({limit} bytes)"
+        )));
+    }
+    if !query.contains("txid") || !query.contains("ORDER BY id LIMIT") {
+        return Ok(Err(format!("not a window read: {}", abbreviate(&query))));
+    }
+    Ok(Ok(query))
+}
+
+/// The statement with its column list left out.
+fn abbreviate(sql: &str) -> String {
+    match (sql.find("SELECT "), sql.find(" FROM ")) {
+        (Some(0), Some(from)) => format!("SELECT … {}", &sql[from + 1..]),
+        _ => sql.to_owned(),
+    }
+}
+
+async fn explain(pool: &PgPool, sql: &str) -> anyhow::Result<Vec<String>> {
+    let lines: Vec<String> =
+        sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS) {sql}")))
+            .persistent(false)
+            .fetch_all(pool)
+            .await?;
+    Ok(lines)
+}
+
+/// The relay's own window statements (captured from pg_stat_activity while `Outbox` reads a
+/// backlog of `--rows` rows in checkpoint mode): a page in the middle of the big window, and the
+/// empty window after it; EXPLAIN ANALYZE of each before and after ANALYZE.
+async fn plan(args: &Args) -> anyhow::Result<()> {
+    let setup = Setup::new(args, "plan").await?;
+    setup.disable_autovacuum().await?;
+    setup.load(args.rows, args.keys).await?;
+    println!(
+        "\n  plan: the relay's window statements on {} rows in {TX_ROWS}-row transactions, read by \
+         posthorn::outbox::Outbox in checkpoint mode on one connection (unprepared, as the relay sends them)",
+        args.rows
+    );
+    let options: sqlx::postgres::PgConnectOptions = setup.url.parse()?;
+    let one = posthorn::tcp_nodelay::pool_options(&options)
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&one)
+        .await?;
+    let table = OutboxTable {
+        schema: "public".into(),
+        table: "outbox".into(),
+    };
+    let outbox = Outbox::with_pool(one.clone(), &table, PoisonPolicy::DeadLetter)
+        .tracked_by(Tracking::Checkpoint);
+    let batch: usize = args.batch_size.parse()?;
+    let middle_page = (args.rows as usize / batch.max(1)) / 2 + 1;
+    let mut sent: Vec<i64> = Vec::new();
+    let mut middle = Err("the window had no middle page".to_owned());
+    let mut page = 0;
+    let read_started = Instant::now();
+    loop {
+        let rows = match outbox.fetch_after(batch, &sent).await? {
+            ReadPast::Rows(rows) => rows,
+            ReadPast::RowBelow(_) => anyhow::bail!("checkpoint mode never reads below"),
+        };
+        page += 1;
+        if page == middle_page {
+            middle = last_statement(&setup.pool, pid).await?;
+        }
+        if rows.is_empty() {
+            break;
+        }
+        sent = rows.iter().map(|r| r.id).collect();
+    }
+    println!(
+        "  plan: {} pages read in {:.2} s (before ANALYZE)",
+        page - 1,
+        read_started.elapsed().as_secs_f64()
+    );
+    // Another transaction id, so that the next read takes a new snapshot: the empty window
+    // after the backlog (what the relay reads at every poll once it is caught up).
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&setup.pool)
+        .await?;
+    let rows = match outbox.fetch_after(batch, &sent).await? {
+        ReadPast::Rows(rows) => rows,
+        ReadPast::RowBelow(_) => anyhow::bail!("checkpoint mode never reads below"),
+    };
+    anyhow::ensure!(rows.is_empty(), "the window after the backlog had rows");
+    let empty = last_statement(&setup.pool, pid).await?;
+    one.close().await;
+    let statements = [
+        (
+            format!("page {middle_page} of the backlog's window"),
+            middle,
+        ),
+        ("the empty window after it".to_owned(), empty),
+    ];
+    for (what, sql) in &statements {
+        match sql {
+            Ok(sql) => println!("  plan: {what}: {}", abbreviate(sql)),
+            Err(why) => println!("  plan: {what}: not captured ({why})"),
+        }
+    }
+    for analyzed in [false, true] {
+        if analyzed {
+            sqlx::raw_sql("ANALYZE outbox").execute(&setup.pool).await?;
+        }
+        for (what, sql) in &statements {
+            let Ok(sql) = sql else { continue };
+            let when = if analyzed {
+                "after ANALYZE"
+            } else {
+                "before ANALYZE"
+            };
+            println!("  plan: {what}, {when}:");
+            for line in explain(&setup.pool, sql).await? {
+                println!("    {line}");
+            }
+        }
+    }
+    setup.drop().await?;
+    Ok(())
 }
