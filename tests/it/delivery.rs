@@ -11,12 +11,27 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::support::{
-    check_key_order, config, create_aggregates, create_topic, delivered, read_topic, spawn_writers,
-    unique, wait_until, RunningRelay, TestDb,
+    check_key_order, config, create_aggregates, create_topic, delivered, in_both_modes, read_topic,
+    spawn_writers, unique, wait_until, RunningRelay, TestDb, Tracking,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers_rows_all_arrive_once_in_per_key_commit_order() {
+// Each of these runs twice, as rows_mode::<name> and checkpoint_mode::<name>.
+in_both_modes! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    concurrent_writers_rows_all_arrive_once_in_per_key_commit_order,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    records_follow_the_contract_for_key_value_headers_and_topic,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    rolled_back_rows_are_never_published,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_row_committed_after_a_later_row_is_still_published,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_transaction_held_open_does_not_stall_other_transactions_rows,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    late_commits_during_a_backlog_keep_per_key_order,
+}
+
+async fn concurrent_writers_rows_all_arrive_once_in_per_key_commit_order(tracking: Tracking) {
     const N_KEYS: usize = 100;
     const N_EVENTS: usize = 10_000;
     const N_WRITERS: usize = 8;
@@ -26,7 +41,7 @@ async fn concurrent_writers_rows_all_arrive_once_in_per_key_commit_order() {
     let keys: Vec<String> = (0..N_KEYS).map(|k| format!("agg-{k}")).collect();
     create_aggregates(&db.pool, &keys).await;
 
-    let relay = RunningRelay::start(config(&db.url, &[("POSTHORN_BATCH_SIZE", "500")]));
+    let relay = RunningRelay::start(tracking.config(&db.url, &[("POSTHORN_BATCH_SIZE", "500")]));
     // Writers take events from a shared counter, so every aggregate is written by several
     // writers at once and its row lock decides the order.
     spawn_writers(&db.pool, &topic, &keys, N_EVENTS, N_WRITERS)
@@ -77,15 +92,14 @@ async fn concurrent_writers_rows_all_arrive_once_in_per_key_commit_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_follow_the_contract_for_key_value_headers_and_topic() {
+async fn records_follow_the_contract_for_key_value_headers_and_topic(tracking: Tracking) {
     let db = TestDb::create("contract").await;
     let base = unique("it-contract");
     let routed = format!("{base}.routed");
     let template_topic = format!("{base}.order.OrderShipped");
     create_topic(&routed, 1).await;
     create_topic(&template_topic, 1).await;
-    let relay = RunningRelay::start(config(
+    let relay = RunningRelay::start(tracking.config(
         &db.url,
         &[(
             "POSTHORN_TOPIC_TEMPLATE",
@@ -141,12 +155,11 @@ async fn records_follow_the_contract_for_key_value_headers_and_topic() {
     assert_eq!(routed_records[0].value_json()["n"], 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolled_back_rows_are_never_published() {
+async fn rolled_back_rows_are_never_published(tracking: Tracking) {
     let db = TestDb::create("rollback").await;
     let topic = unique("it-rollback");
     create_topic(&topic, 2).await;
-    let relay = RunningRelay::start(config(&db.url, &[]));
+    let relay = RunningRelay::start(tracking.config(&db.url, &[]));
     let mut committed = HashSet::new();
     for n in 0..300i32 {
         let mut tx = db.pool.begin().await.expect("begin");
@@ -192,12 +205,11 @@ async fn rolled_back_rows_are_never_published() {
     assert_eq!(published_set, committed, "exactly the committed rows");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_committed_after_a_later_row_is_still_published() {
+async fn a_row_committed_after_a_later_row_is_still_published(tracking: Tracking) {
     let db = TestDb::create("late_commit").await;
     let topic = unique("it-late");
     create_topic(&topic, 1).await;
-    let relay = RunningRelay::start(config(&db.url, &[]));
+    let relay = RunningRelay::start(tracking.config(&db.url, &[]));
     let insert = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
                   VALUES ($1, $2, 'Happened', '{}') RETURNING id";
 
@@ -219,27 +231,15 @@ async fn a_row_committed_after_a_later_row_is_still_published() {
     assert!(id_a < id_b);
     tx_b.commit().await.expect("commit B");
 
-    let delivered = |id: i64| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT delivered_at IS NOT NULL FROM outbox WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .expect("row")
-        }
-    };
     // The relay publishes B while A's smaller id is still invisible to it...
     wait_until(Duration::from_secs(30), "B is delivered", || {
-        delivered(id_b)
+        db.is_delivered(id_b)
     })
     .await;
     // ...and still finds A when it commits.
     tx_a.commit().await.expect("commit A");
     wait_until(Duration::from_secs(30), "A is delivered", || {
-        delivered(id_a)
+        db.is_delivered(id_a)
     })
     .await;
     relay.stop().await;
@@ -256,12 +256,11 @@ async fn a_row_committed_after_a_later_row_is_still_published() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_held_open_does_not_stall_other_transactions_rows() {
+async fn a_transaction_held_open_does_not_stall_other_transactions_rows(tracking: Tracking) {
     let db = TestDb::create("long_tx").await;
     let topic = unique("it-long-tx");
     create_topic(&topic, 2).await;
-    let relay = RunningRelay::start(config(&db.url, &[]));
+    let relay = RunningRelay::start(tracking.config(&db.url, &[]));
     let insert = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
                   VALUES ($1, $2, 'E', jsonb_build_object('n', $3::int))";
     // Open for the whole test, holding an outbox row of its own (the smallest id).
@@ -300,7 +299,8 @@ async fn a_transaction_held_open_does_not_stall_other_transactions_rows() {
 
 /// Reading past the rows in flight (what the relay does while a full batch waits for its acks)
 /// stops at a row below them that committed late, and tolerates rows of its own being marked
-/// meanwhile.
+/// meanwhile. Rows mode only: it drives rows mode's reads and marks (`fetch_after`,
+/// `delivered_at`) directly; checkpoint mode reads windows (tests/it/checkpoint.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_past_rows_in_flight_stops_at_a_late_commit_below_them() {
     let db = TestDb::create("read_past").await;
@@ -358,8 +358,7 @@ async fn reading_past_rows_in_flight_stops_at_a_late_commit_below_them() {
 /// in flight) while writers commit late: each transaction holds its aggregate's lock for a
 /// while after taking its id, so rows with smaller ids keep committing after larger ones the
 /// relay has already read. Every row arrives once, in per-key commit order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn late_commits_during_a_backlog_keep_per_key_order() {
+async fn late_commits_during_a_backlog_keep_per_key_order(tracking: Tracking) {
     const N_KEYS: usize = 40;
     const N_BACKLOG_PER_KEY: usize = 100;
     const N_LIVE: usize = 1_500;
@@ -381,6 +380,10 @@ async fn late_commits_during_a_backlog_keep_per_key_order() {
     .execute(&mut *late_tx)
     .await
     .expect("the late row");
+    let late_txid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *late_tx)
+        .await
+        .expect("the late row's txid");
     // The backlog: versions 1..=100 of every key, committed before the relay starts.
     sqlx::query(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
@@ -399,7 +402,7 @@ async fn late_commits_during_a_backlog_keep_per_key_order() {
         .await
         .expect("versions");
 
-    let relay = RunningRelay::start(config(&db.url, &[("POSTHORN_BATCH_SIZE", "50")]));
+    let relay = RunningRelay::start(tracking.config(&db.url, &[("POSTHORN_BATCH_SIZE", "50")]));
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = (0..N_WRITERS)
         .map(|w| {
@@ -444,6 +447,18 @@ async fn late_commits_during_a_backlog_keep_per_key_order() {
         || async { delivered(&db).await >= 200 },
     )
     .await;
+    // Checkpoint mode's late commit: the newest snapshot published from (the window's end
+    // inside a window) has the late row's transaction in progress below its xmax, while rows of
+    // the backlog's later transaction are delivered.
+    let skipped_by_a_window = tracking == Tracking::Checkpoint
+        && sqlx::query_scalar::<_, bool>(
+            "SELECT NOT pg_visible_in_snapshot($1::xid8, s) AND pg_snapshot_xmax(s) > $1::xid8 \
+             FROM (SELECT coalesce(window_end, snapshot) AS s FROM outbox_checkpoint) c",
+        )
+        .bind(&late_txid)
+        .fetch_one(&db.pool)
+        .await
+        .expect("the checkpoint");
     late_tx.commit().await.expect("commit the late row");
     for w in writers {
         w.await.expect("writer");
@@ -464,13 +479,21 @@ async fn late_commits_during_a_backlog_keep_per_key_order() {
             "key {key}: {versions:?}"
         );
     }
-    // The writers' late commits landed below rows this relay had already read past at least
-    // once, or this test did not exercise what it is for. (This relay's own count: the
-    // process-wide metric moves with every relay the other tests run.)
-    assert!(
-        stats.n_read_restarts > 0,
-        "no read past rows in flight met a late commit"
-    );
+    // The late commits landed below rows this relay had already read, or this test did not
+    // exercise what it is for.
+    match tracking {
+        // Reads past rows in flight met one at least once. (This relay's own count: the
+        // process-wide metric moves with every relay the other tests run.)
+        Tracking::Rows => assert!(
+            stats.n_read_restarts > 0,
+            "no read past rows in flight met a late commit"
+        ),
+        // Checkpoint mode has no read past rows in flight: windows skip open transactions.
+        Tracking::Checkpoint => assert!(
+            skipped_by_a_window,
+            "no published window skipped the late row's open transaction"
+        ),
+    }
 }
 
 /// Waits until every row is marked delivered, stops the relay, and reads the topic: exactly one
