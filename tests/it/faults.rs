@@ -10,9 +10,19 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::support::{
-    assert_complete_and_ordered, config, create_aggregates, delivered, read_topic_at,
-    spawn_writers, unique, wait_until, RunningRelay, TestDb,
+    assert_complete_and_ordered, create_aggregates, delivered, in_both_modes, read_topic_at,
+    spawn_writers, unique, wait_until, RunningRelay, TestDb, Tracking,
 };
+
+// Each of these runs twice, as rows_mode::<name> and checkpoint_mode::<name>.
+in_both_modes! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    retriable_produce_errors_lose_nothing_reorder_nothing_and_duplicate_nothing,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    every_broker_down_mid_batch_then_up_again_loses_nothing_and_keeps_key_order,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    a_fatal_producer_error_mid_stream_is_survived_by_replacing_the_producer,
+}
 
 const N_KEYS: usize = 20;
 const N_PER_KEY: usize = 60;
@@ -39,8 +49,8 @@ async fn fixture(name: &str) -> Fixture {
     }
 }
 
-fn relay_for(f: &Fixture) -> RunningRelay {
-    RunningRelay::start(config(
+fn relay_for(f: &Fixture, tracking: Tracking) -> RunningRelay {
+    RunningRelay::start(tracking.config(
         &f.db.url,
         &[
             ("POSTHORN_KAFKA_BROKERS", &f.mock.bootstrap_servers()),
@@ -68,10 +78,11 @@ async fn finish(f: &Fixture, relay: RunningRelay, writers: tokio::task::JoinHand
     assert_complete_and_ordered(&records, N_KEYS, N_PER_KEY)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn retriable_produce_errors_lose_nothing_reorder_nothing_and_duplicate_nothing() {
+async fn retriable_produce_errors_lose_nothing_reorder_nothing_and_duplicate_nothing(
+    tracking: Tracking,
+) {
     let f = fixture("faults_retriable").await;
-    let relay = relay_for(&f);
+    let relay = relay_for(&f, tracking);
     let writers = spawn_writers(&f.db.pool, &f.topic, &f.keys, N_KEYS * N_PER_KEY, 4);
     for round in 1..=3 {
         wait_until(
@@ -97,10 +108,11 @@ async fn retriable_produce_errors_lose_nothing_reorder_nothing_and_duplicate_not
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_broker_down_mid_batch_then_up_again_loses_nothing_and_keeps_key_order() {
+async fn every_broker_down_mid_batch_then_up_again_loses_nothing_and_keeps_key_order(
+    tracking: Tracking,
+) {
     let f = fixture("faults_down").await;
-    let relay = relay_for(&f);
+    let relay = relay_for(&f, tracking);
     let writers = spawn_writers(&f.db.pool, &f.topic, &f.keys, N_KEYS * N_PER_KEY, 4);
     wait_until(
         Duration::from_secs(60),
@@ -137,10 +149,11 @@ async fn every_broker_down_mid_batch_then_up_again_loses_nothing_and_keeps_key_o
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fatal_producer_error_mid_stream_is_survived_by_replacing_the_producer() {
+async fn a_fatal_producer_error_mid_stream_is_survived_by_replacing_the_producer(
+    tracking: Tracking,
+) {
     let f = fixture("faults_fatal").await;
-    let relay = relay_for(&f);
+    let relay = relay_for(&f, tracking);
     let writers = spawn_writers(&f.db.pool, &f.topic, &f.keys, N_KEYS * N_PER_KEY, 4);
     wait_until(
         Duration::from_secs(60),
