@@ -12,9 +12,17 @@ use posthorn::lease::Lease;
 use posthorn::outbox::Outbox;
 
 use crate::support::{
-    assert_each_key_gapless_and_ordered, config, create_aggregates, create_topic, env_vars,
-    read_topic, unique, wait_until, write_versioned_event, RelayProcess, TestDb,
+    assert_each_key_gapless_and_ordered, create_aggregates, create_topic, delivered, in_both_modes,
+    read_topic, unique, wait_until, write_versioned_event, RelayProcess, TestDb, Tracking,
 };
+
+// Each of these runs twice, as rows_mode::<name> and checkpoint_mode::<name>.
+in_both_modes! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_lease_expires_renews_fences_a_deposed_leader_and_survives_a_killed_connection,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    three_instances_one_publisher_through_leader_kills_and_restarts,
+}
 
 async fn holder(db: &TestDb) -> Option<(String, i64)> {
     sqlx::query_as("SELECT owner, epoch FROM outbox_lease WHERE expires_at > now()")
@@ -23,10 +31,11 @@ async fn holder(db: &TestDb) -> Option<(String, i64)> {
         .expect("lease row")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_lease_expires_renews_fences_a_deposed_leader_and_survives_a_killed_connection() {
+async fn the_lease_expires_renews_fences_a_deposed_leader_and_survives_a_killed_connection(
+    tracking: Tracking,
+) {
     let db = TestDb::create("lease").await;
-    let cfg = config(&db.url, &[]);
+    let cfg = tracking.config(&db.url, &[]);
     let ttl = Duration::from_secs(2);
     let a = Lease::new(db.pool.clone(), &cfg.outbox, "a", ttl);
     let b = Lease::new(db.pool.clone(), &cfg.outbox, "b", ttl);
@@ -73,24 +82,46 @@ async fn the_lease_expires_renews_fences_a_deposed_leader_and_survives_a_killed_
     .fetch_one(&db.pool)
     .await
     .expect("insert");
-    let outbox = Outbox::with_pool(db.pool.clone(), &cfg.outbox, PoisonPolicy::DeadLetter);
-    let rows = outbox.fetch_batch(10).await.expect("fetch");
-    let mut tracker = Tracker::new(&rows, PoisonPolicy::DeadLetter);
-    tracker.ack(0);
-    let deliverable = tracker.finish().deliverable;
+    // Each leader read the row, and Kafka acknowledged it, through its own handle (checkpoint
+    // mode's handle keeps the pages it read, and forgets them once deposed).
+    let read_and_ack = || async {
+        let outbox = Outbox::with_pool(db.pool.clone(), &cfg.outbox, PoisonPolicy::DeadLetter)
+            .tracked_by(cfg.tracking);
+        let rows = outbox.fetch_batch(10).await.expect("fetch");
+        let mut tracker = Tracker::new(&rows, PoisonPolicy::DeadLetter);
+        tracker.ack(0);
+        (outbox, tracker.finish().deliverable)
+    };
+    let (deposed, deposed_acked) = read_and_ack().await;
+    let (leader, leader_acked) = read_and_ack().await;
     assert_eq!(
-        outbox.mark_delivered(&deliverable, 1).await.expect("mark"),
+        deposed
+            .mark_delivered(&deposed_acked, 1)
+            .await
+            .expect("mark"),
         0
     );
+    assert!(
+        !db.is_delivered(id).await,
+        "the deposed leader marked nothing"
+    );
     assert_eq!(
-        outbox.mark_delivered(&deliverable, 2).await.expect("mark"),
+        leader.mark_delivered(&leader_acked, 2).await.expect("mark"),
         1
     );
-    let epoch: Option<i64> = sqlx::query_scalar("SELECT delivered_epoch FROM outbox WHERE id = $1")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .expect("row");
+    assert!(db.is_delivered(id).await, "the leader's mark holds");
+    // On the row, or on the checkpoint row that now covers it.
+    let epoch: Option<i64> = match tracking {
+        Tracking::Rows => sqlx::query_scalar("SELECT delivered_epoch FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("row"),
+        Tracking::Checkpoint => sqlx::query_scalar("SELECT epoch FROM outbox_checkpoint")
+            .fetch_one(&db.pool)
+            .await
+            .expect("checkpoint row"),
+    };
     assert_eq!(epoch, Some(2), "the mark carries the leader's epoch");
 
     // The leader's database connections are killed: it reconnects and keeps its lease.
@@ -132,13 +163,31 @@ async fn the_lease_expires_renews_fences_a_deposed_leader_and_survives_a_killed_
     );
 }
 
+/// Records every write of the checkpoint row (its epoch, and when: the writing transaction's
+/// start, as `delivered_at = now()` is a mark's) in `test_checkpoint_writes`: the history that
+/// rows mode keeps in `delivered_epoch` and `delivered_at`, which one checkpoint row overwrites.
+async fn record_checkpoint_writes(db: &TestDb) {
+    sqlx::raw_sql(
+        "CREATE TABLE test_checkpoint_writes (epoch bigint NOT NULL, at timestamptz NOT NULL);
+         CREATE FUNCTION test_record_checkpoint_write() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO test_checkpoint_writes VALUES (NEW.epoch, now());
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER test_record_checkpoint_write AFTER INSERT OR UPDATE ON outbox_checkpoint
+             FOR EACH ROW EXECUTE FUNCTION test_record_checkpoint_write();",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("recording checkpoint writes");
+}
+
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();
     xs[xs.len() / 2]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_instances_one_publisher_through_leader_kills_and_restarts() {
+async fn three_instances_one_publisher_through_leader_kills_and_restarts(tracking: Tracking) {
     const N_KEYS: usize = 30;
     const N_KILLS: usize = 10;
     const N_TERMS: usize = 3;
@@ -150,8 +199,9 @@ async fn three_instances_one_publisher_through_leader_kills_and_restarts() {
     create_aggregates(&db.pool, &keys).await;
 
     let names = ["alpha", "beta", "gamma"].map(|n| format!("{n}-{}", unique("i")));
+    record_checkpoint_writes(&db).await;
     let vars_for = |name: &str| {
-        env_vars(
+        tracking.env_vars(
             &db.url,
             &[
                 ("POSTHORN_LEASE_TTL", "2s"),
@@ -204,18 +254,10 @@ async fn three_instances_one_publisher_through_leader_kills_and_restarts() {
         .await;
         let (leader, epoch) = holder(&db).await.expect("a leader");
         // Let the leader publish for a while first.
-        let delivered_before: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
-                .fetch_one(&db.pool)
-                .await
-                .expect("count");
+        let delivered_before = delivered(&db).await;
+        assert!(delivered_before >= 0, "counting delivered rows");
         wait_until(Duration::from_secs(30), "the leader publishes", || async {
-            let n: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL")
-                    .fetch_one(&db.pool)
-                    .await
-                    .expect("count");
-            n > delivered_before + 50
+            delivered(&db).await > delivered_before + 50
         })
         .await;
         let process = instances
@@ -258,15 +300,25 @@ async fn three_instances_one_publisher_through_leader_kills_and_restarts() {
         assert!(process.wait(Duration::from_secs(30)).await.success());
     }
 
-    // Never two publishers: each epoch's marks lie strictly after the previous epoch's.
+    // Never two publishers: each epoch's marks lie strictly after the previous epoch's. A mark
+    // is a row's delivered_at (rows mode; checkpoint mode's rare out-of-order ones) or a write of
+    // the checkpoint row (checkpoint mode), as the trigger recorded them.
     let spans: Vec<(i64, f64, f64, i64)> = sqlx::query_as(
-        "SELECT delivered_epoch, extract(epoch FROM min(delivered_at))::float8, \
-                extract(epoch FROM max(delivered_at))::float8, count(*) \
-         FROM outbox WHERE delivered_at IS NOT NULL GROUP BY delivered_epoch ORDER BY delivered_epoch",
+        "SELECT epoch, extract(epoch FROM min(at))::float8, extract(epoch FROM max(at))::float8, \
+                count(*) \
+         FROM (SELECT delivered_epoch AS epoch, delivered_at AS at \
+               FROM outbox WHERE delivered_at IS NOT NULL \
+               UNION ALL SELECT epoch, at FROM test_checkpoint_writes) marks \
+         GROUP BY epoch ORDER BY epoch",
     )
     .fetch_all(&db.pool)
     .await
     .expect("spans");
+    // (Not vacuous: each leader stopped above had published.)
+    assert!(
+        spans.len() >= N_KILLS + N_TERMS,
+        "the marks of every leader: {spans:?}"
+    );
     for pair in spans.windows(2) {
         assert!(
             pair[0].2 < pair[1].1,
