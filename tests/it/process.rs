@@ -4,13 +4,27 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use sqlx::AssertSqlSafe;
+
 use crate::support::{
-    check_key_order, create_aggregates, create_topic, delivered, env_vars, read_topic,
-    relay_log_path, run_posthorn, spawn_writers, unique, wait_until, RelayProcess, TestDb,
+    check_key_order, create_aggregates, create_topic, delivered, env_vars, in_both_modes,
+    read_topic, relay_log_path, run_posthorn, spawn_writers, unique, wait_until, RelayProcess,
+    TestDb, Tracking, DELIVERED,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_order() {
+// Each of these runs twice, as rows_mode::<name> and checkpoint_mode::<name>.
+in_both_modes! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_order,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    sigterm_marks_every_acknowledged_row_before_exiting,
+}
+
+async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_order(
+    tracking: Tracking,
+) {
     const N_KEYS: usize = 50;
     const N_EVENTS: usize = 12_000;
     const N_KILLS: usize = 4;
@@ -19,7 +33,7 @@ async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_orde
     create_topic(&topic, 3).await;
     let keys: Vec<String> = (0..N_KEYS).map(|k| format!("k{k}")).collect();
     create_aggregates(&db.pool, &keys).await;
-    let vars = env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "300")]);
+    let vars = tracking.env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "300")]);
 
     let writers = spawn_writers(&db.pool, &topic, &keys, N_EVENTS, 4);
 
@@ -71,8 +85,9 @@ async fn a_relay_killed_mid_stream_and_restarted_loses_no_row_and_keeps_key_orde
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka() {
+async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka(
+    tracking: Tracking,
+) {
     let db = TestDb::create("sigterm").await;
     let topic = unique("it-sigterm");
     create_topic(&topic, 2).await;
@@ -87,8 +102,8 @@ async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka(
     .await
     .expect("bulk insert");
     let log = relay_log_path("sigterm");
-    let mut relay =
-        RelayProcess::spawn(&env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "100")]), &log);
+    let vars = tracking.env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "100")]);
+    let mut relay = RelayProcess::spawn(&vars, &log);
     wait_until(
         Duration::from_secs(60),
         "some rows are delivered",
@@ -104,9 +119,9 @@ async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka(
     let log = std::fs::read_to_string(&log).expect("relay log");
     assert!(log.contains("Relay stopped."), "{log}");
 
-    let marked: Vec<i64> = sqlx::query_scalar(
-        "SELECT (payload->>'n')::bigint FROM outbox WHERE delivered_at IS NOT NULL",
-    )
+    let marked: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT (payload->>'n')::bigint FROM outbox o WHERE {DELIVERED}"
+    )))
     .fetch_all(&db.pool)
     .await
     .expect("marked rows");
@@ -125,31 +140,58 @@ async fn sigterm_stops_the_relay_with_status_0_and_every_marked_row_is_in_kafka(
 }
 
 /// SIGTERM drains: the relay stops reading, waits for the batches in flight and marks every
-/// row Kafka acknowledged before it exits. Marks are held back (a transaction locks the rows;
-/// reads do not wait for it) until the signal has arrived, so each acknowledged row is still
-/// unmarked then: only the drain can mark it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_marks_every_acknowledged_row_before_exiting() {
+/// row Kafka acknowledged before it exits. Marks are held back (a transaction locks the rows, or
+/// in checkpoint mode the checkpoint row; reads do not wait for it) until the signal has arrived,
+/// so each acknowledged row is still unmarked then: only the drain can mark it.
+async fn sigterm_marks_every_acknowledged_row_before_exiting(tracking: Tracking) {
     let db = TestDb::create("sigterm_drain").await;
     let topic = unique("it-sigterm-drain");
     create_topic(&topic, 2).await;
-    sqlx::query(
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-         SELECT $1, 'k' || (g % 10), 'Bulk', jsonb_build_object('n', g) \
-         FROM generate_series(1, 500) g",
-    )
-    .bind(&topic)
-    .execute(&db.pool)
-    .await
-    .expect("bulk insert");
-    let mut locks = db.pool.begin().await.expect("begin");
-    sqlx::query("SELECT id FROM outbox FOR UPDATE")
-        .fetch_all(&mut *locks)
-        .await
-        .expect("lock the rows");
+    let insert = || {
+        sqlx::query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT $1, 'k' || (g % 10), 'Bulk', jsonb_build_object('n', g) \
+             FROM generate_series(1, 500) g",
+        )
+        .bind(&topic)
+        .execute(&db.pool)
+    };
     let log = relay_log_path("sigterm-drain");
-    let mut relay =
-        RelayProcess::spawn(&env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "100")]), &log);
+    let vars = tracking.env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "100")]);
+    let mut locks = db.pool.begin().await.expect("begin");
+    let mut relay = match tracking {
+        Tracking::Rows => {
+            insert().await.expect("bulk insert");
+            sqlx::query("SELECT id FROM outbox FOR UPDATE")
+                .fetch_all(&mut *locks)
+                .await
+                .expect("lock the rows");
+            RelayProcess::spawn(&vars, &log)
+        }
+        // A mark is a write of the checkpoint row, which the relay makes when it starts
+        // leading: lock that row, then write the rows.
+        Tracking::Checkpoint => {
+            let relay = RelayProcess::spawn(&vars, &log);
+            wait_until(
+                Duration::from_secs(30),
+                "the relay makes its checkpoint",
+                || async {
+                    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_checkpoint")
+                        .fetch_one(&db.pool)
+                        .await
+                        .expect("the checkpoint")
+                        == 1
+                },
+            )
+            .await;
+            sqlx::query("SELECT 1 FROM outbox_checkpoint FOR UPDATE")
+                .fetch_all(&mut *locks)
+                .await
+                .expect("lock the checkpoint");
+            insert().await.expect("bulk insert");
+            relay
+        }
+    };
     let in_kafka = read_topic(&topic, 100, Duration::from_secs(60)).await;
     assert_eq!(delivered(&db).await, 0, "the marks wait for the locks");
 
@@ -167,9 +209,9 @@ async fn sigterm_marks_every_acknowledged_row_before_exiting() {
     );
 
     let in_kafka_at_exit = read_topic(&topic, in_kafka.len(), Duration::from_secs(30)).await;
-    let marked: HashSet<i64> = sqlx::query_scalar(
-        "SELECT (payload->>'n')::bigint FROM outbox WHERE delivered_at IS NOT NULL",
-    )
+    let marked: HashSet<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT (payload->>'n')::bigint FROM outbox o WHERE {DELIVERED}"
+    )))
     .fetch_all(&db.pool)
     .await
     .expect("marked rows")

@@ -5,13 +5,24 @@
 use std::time::Duration;
 
 use crate::support::{
-    assert_complete_and_ordered, create_aggregates, create_topic_at, delivered, env_vars,
+    assert_complete_and_ordered, create_aggregates, create_topic_at, delivered, in_both_modes,
     read_topic_at, relay_log_path, spawn_writers, unique, wait_until, KafkaCluster, RelayProcess,
-    TestDb, Wipe,
+    TestDb, Tracking, Wipe,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_order() {
+// Each of these runs twice, as rows_mode::<name> and checkpoint_mode::<name>.
+in_both_modes! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_order,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_producer,
+}
+
+async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_order(
+    tracking: Tracking,
+) {
     const N_KEYS: usize = 20;
     const N_PER_KEY: usize = 150;
     let db = TestDb::create("broker_restart").await;
@@ -21,7 +32,7 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
     let keys: Vec<String> = (0..N_KEYS).map(|k| format!("k{k}")).collect();
     create_aggregates(&db.pool, &keys).await;
 
-    let vars = env_vars(
+    let vars = tracking.env_vars(
         &db.url,
         &[
             ("POSTHORN_KAFKA_BROKERS", &broker.brokers()),
@@ -67,8 +78,14 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_row_and_keeps_key_ord
     println!("broker SIGKILL + restart: 0 lost, order kept, {duplicates} duplicates");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again() {
+/// The PostgreSQL of `POSTHORN_TEST_RESTARTABLE_DATABASE_URL`, which a test stops and starts.
+static RESTARTABLE_POSTGRES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
+    tracking: Tracking,
+) {
+    // The twins restart one server: one at a time, or one's outage breaks the other's queries.
+    let _server = RESTARTABLE_POSTGRES.lock().await;
     let admin_url = std::env::var("POSTHORN_TEST_RESTARTABLE_DATABASE_URL").expect(
         "POSTHORN_TEST_RESTARTABLE_DATABASE_URL: a PostgreSQL this test may restart \
          (scripts/services.sh env prints it)",
@@ -91,7 +108,7 @@ async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
 
     // Polling every 10 minutes: after the restart only a re-established LISTEN can wake the
     // relay for rows inserted while it idles.
-    let vars = env_vars(
+    let vars = tracking.env_vars(
         &db.url,
         &[
             ("POSTHORN_BATCH_SIZE", "200"),
@@ -160,13 +177,14 @@ async fn postgres_restarted_mid_stream_loses_no_row_and_the_relay_listens_again(
     println!("postgres stop -m immediate + start: 0 lost, order kept, {duplicates} duplicates");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_producer() {
+async fn a_broker_that_restarts_empty_is_recovered_from_by_replacing_the_producer(
+    tracking: Tracking,
+) {
     let db = TestDb::create("broker_empty").await;
     let mut broker = KafkaCluster::start(1).await;
     let topic = unique("it-broker-empty");
     create_topic_at(&broker.brokers(), &topic, 1).await;
-    let vars = env_vars(
+    let vars = tracking.env_vars(
         &db.url,
         &[
             ("POSTHORN_KAFKA_BROKERS", &broker.brokers()),
