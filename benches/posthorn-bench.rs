@@ -75,6 +75,10 @@ struct Args {
     /// probes connecting) are not steady state.
     #[arg(long, default_value_t = 2)]
     warm_up_secs: u64,
+    /// In the steady scenario, ANALYZE the outbox once the relay is up (an outbox in service
+    /// has statistics; a fresh one has none until autovacuum gets to it).
+    #[arg(long)]
+    steady_analyze: bool,
     #[arg(long, default_value_t = 30)]
     idle_secs: u64,
     /// The writers' rate in the WAL scenario's steady state (rows/s, in 100-row transactions).
@@ -223,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
                     };
                     println!(
                         "  drain run {run} [{}] {with}: {:.0} rows/s, {:.2} CPU s per 100k rows, peak RSS {:.1} MiB; \
-                         over {wall:.1} s wall on {cores} cores the CPU went to relay {:.1} s, postgres {:.1} s, broker {:.1} s{consumer}",
+                         over {wall:.1} s wall on {cores} cores the CPU went to relay {:.1} s, postgres (this database's sessions) {:.1} s, broker {:.1} s{consumer}",
                         mode.as_str(), r.rows_per_sec, r.cpu_secs_per_100k, r.peak_rss_mib, r.cpu_split.0, r.cpu_split.1, r.cpu_split.2
                     );
                     let m = mode.as_str();
@@ -309,8 +313,13 @@ async fn main() -> anyhow::Result<()> {
                         ),
                         None => "no per-row mark in the database to time".into(),
                     };
+                    let stats = if r.analyzed {
+                        "the outbox had statistics"
+                    } else {
+                        "the outbox had no statistics"
+                    };
                     println!(
-                        "  steady {} run {run} [{}]: wrote {:.0}/s, delivered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms ({db})",
+                        "  steady {} run {run} [{}]: wrote {:.0}/s, delivered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms ({db}); {stats}",
                         rate_name(rate), mode.as_str(), r.write_rate, r.throughput, r.p50, r.p99, r.p999, r.max
                     );
                     results.push((mode, r));
@@ -691,20 +700,79 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-/// CPU seconds used so far by every process whose command name is `name`.
-fn cpu_of_processes(name: &str) -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
+/// The broker's processes: the one `scripts/services.sh` started (its pid file) and its `java`
+/// children; every `java` process if there is no pid file (then other JVMs count too).
+fn broker_pids() -> Vec<u32> {
+    let state =
+        std::env::var("POSTHORN_STATE_DIR").unwrap_or_else(|_| "/tmp/posthorn-services".into());
+    let Some(root) = std::fs::read_to_string(format!("{state}/broker.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    else {
+        return processes()
+            .filter(|pid| comm(*pid).as_deref() == Some("java"))
+            .collect();
     };
-    dir.filter_map(|e| e.ok())
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    std::iter::once(root)
+        .chain(processes().filter(|pid| parent(*pid) == Some(root)))
+        .collect()
+}
+
+fn processes() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim() == name)
-                .unwrap_or(false)
-        })
-        .map(|pid| cpu_and_rss(pid).0)
+}
+
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim().to_owned())
+}
+
+fn cpu_of_pids(pids: &[u32]) -> f64 {
+    pids.iter()
+        .map(|pid| cpu_and_rss(*pid).0)
         .filter(|c| c.is_finite())
+        .sum()
+}
+
+/// CPU seconds so far of this database's Postgres sessions, per backend pid.
+async fn session_cpu(pool: &PgPool) -> anyhow::Result<Vec<(u32, f64)>> {
+    let pids: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            .fetch_all(pool)
+            .await?;
+    Ok(pids
+        .into_iter()
+        .map(|pid| (pid as u32, cpu_and_rss(pid as u32).0))
+        .filter(|(_, cpu)| cpu.is_finite())
+        .collect())
+}
+
+/// CPU seconds this database's sessions used since `before` (sessions opened since count
+/// whole).
+fn session_cpu_since(before: &[(u32, f64)], now: &[(u32, f64)]) -> f64 {
+    now.iter()
+        .map(|(pid, cpu)| {
+            let earlier = before
+                .iter()
+                .find(|(p, _)| p == pid)
+                .map_or(0.0, |(_, c)| *c);
+            cpu - earlier
+        })
         .sum()
 }
 
@@ -768,7 +836,8 @@ impl Tail {
 }
 
 struct Drain {
-    /// CPU seconds of (relay, postgres, broker) during the drain: where the machine's time went.
+    /// CPU seconds of (relay, this database's Postgres sessions, broker) during the drain: where
+    /// the machine's time went.
     cpu_split: (f64, f64, f64),
     rows_per_sec: f64,
     cpu_secs_per_100k: f64,
@@ -788,9 +857,11 @@ async fn drain(
     let setup = Setup::new(args, "drain").await?;
     setup.load(args.rows, args.keys).await?;
     let consumer = tail.then(|| Tail::start(&args.brokers, &setup.topic));
-    // The broker is Apache Kafka, a `java` process (every JVM on the machine counts: run the
-    // bench with no other Kafka up).
-    let (pg_before, broker_before) = (cpu_of_processes("postgres"), cpu_of_processes("java"));
+    // Postgres: this database's sessions (the relay's and the bench's own polling), not the
+    // other sessions sharing the server, nor its background processes. The broker: Apache
+    // Kafka's JVM as scripts/services.sh started it.
+    let brokers = broker_pids();
+    let (pg_before, broker_before) = (session_cpu(&setup.pool).await?, cpu_of_pids(&brokers));
     let started = Instant::now();
     let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
         .arg("run")
@@ -803,7 +874,7 @@ async fn drain(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let consumed = consumer.map(Tail::stop).transpose()?;
-    let (pg_after, broker_after) = (cpu_of_processes("postgres"), cpu_of_processes("java"));
+    let (pg_after, broker_after) = (session_cpu(&setup.pool).await?, cpu_of_pids(&brokers));
     let (cpu, rss) = cpu_and_rss(pid);
     let (cpu, rss) = (
         if cpu.is_nan() { last.0 } else { cpu },
@@ -817,7 +888,11 @@ async fn drain(
     stop(child);
     setup.drop().await?;
     Ok(Drain {
-        cpu_split: (cpu, pg_after - pg_before, broker_after - broker_before),
+        cpu_split: (
+            cpu,
+            session_cpu_since(&pg_before, &pg_after),
+            broker_after - broker_before,
+        ),
         rows_per_sec: args.rows as f64 / elapsed,
         cpu_secs_per_100k: cpu / (args.rows as f64 / 100_000.0),
         peak_rss_mib: rss,
@@ -1050,6 +1125,8 @@ struct Steady {
     p99: f64,
     p999: f64,
     max: f64,
+    /// Whether the outbox had statistics (an ANALYZE or autovacuum's) by the end of the run.
+    analyzed: bool,
 }
 
 async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<Steady> {
@@ -1076,6 +1153,9 @@ async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<St
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    if args.steady_analyze {
+        sqlx::raw_sql("ANALYZE outbox").execute(&setup.pool).await?;
+    }
     let base = Instant::now();
     let max_events = if rate == 0 {
         5_000_000
@@ -1195,6 +1275,12 @@ async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<St
         ),
         Tracking::Checkpoint => None,
     };
+    let analyzed: bool = sqlx::query_scalar(
+        "SELECT last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL \
+         FROM pg_stat_user_tables WHERE schemaname = 'public' AND relname = 'outbox'",
+    )
+    .fetch_one(&setup.pool)
+    .await?;
     // Let the consumer read the last records.
     tokio::time::sleep(Duration::from_millis(500)).await;
     consumer_done.store(true, Ordering::Relaxed);
@@ -1215,6 +1301,7 @@ async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<St
             .unwrap_or(f64::NAN)
     };
     Ok(Steady {
+        analyzed,
         db,
         write_rate: n_written as f64 / write_secs,
         throughput: n_written as f64 / delivered_secs,
@@ -1517,6 +1604,8 @@ async fn wal_after_checkpoint(args: &Args, tracking: Tracking) -> anyhow::Result
     let a = lsn(&setup.pool).await?;
     setup.load(args.rows, args.keys).await?;
     let b = lsn(&setup.pool).await?;
+    // Before the CHECKPOINT, which may recycle the segments that hold the inserts' WAL.
+    let insert = WalBytes::measure(&setup.pool, inspect.as_ref(), &a, &b).await?;
     sqlx::raw_sql("CHECKPOINT").execute(&setup.pool).await?;
     let c = lsn(&setup.pool).await?;
     let started = Instant::now();
@@ -1529,7 +1618,6 @@ async fn wal_after_checkpoint(args: &Args, tracking: Tracking) -> anyhow::Result
     let d = lsn(&setup.pool).await?;
     let secs = started.elapsed().as_secs_f64();
     stop(child);
-    let insert = WalBytes::measure(&setup.pool, inspect.as_ref(), &a, &b).await?;
     let relay = WalBytes::measure(&setup.pool, inspect.as_ref(), &c, &d).await?;
     let tuples = tuples(&setup.pool, args.rows).await?;
     setup.drop().await?;
