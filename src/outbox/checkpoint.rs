@@ -597,6 +597,18 @@ impl Outbox {
         Ok(Some(marked.rows_affected()))
     }
 
+    /// The condition "not visible in the checkpoint's snapshot" with its txids as literals,
+    /// for a query that should read the txid index; none without a checkpoint row.
+    pub(super) async fn checkpoint_snapshot(&self) -> Result<Option<String>, OutboxError> {
+        let sql = format!("SELECT snapshot::text FROM {}", self.checkpoint_table());
+        let text: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(OutboxError::query("reading the outbox checkpoint"))?;
+        text.map(|t| parse_snapshot(&t).map(|s| since_condition(&s)))
+            .transpose()
+    }
+
     /// A new epoch begins: what this handle remembers of the checkpoint may be stale.
     pub(crate) fn begin_epoch(&self) {
         self.pages_lock().forget();

@@ -76,12 +76,21 @@ impl Outbox {
             .map_err(OutboxError::query("connecting to Postgres"))
     }
 
-    /// The numbers behind the backlog gauges. Each probe reads a partial index: the pending
-    /// ones `outbox_pending_idx` (so they cost the pending rows, not the table), the failed
-    /// count `outbox_failed_idx`.
+    /// The numbers behind the backlog gauges, measured every few seconds. Each reads an index
+    /// range of pending rows, so it costs the pending rows, not the table: rows mode's pending
+    /// index; in checkpoint mode the txid index, from the checkpoint's snapshot read first (a
+    /// transaction left open would pin a bound taken from the snapshot's xmin, and the range
+    /// would then hold every row written since). The failed count reads `outbox_failed_idx`.
     pub(crate) async fn backlog(&self) -> Result<Backlog, OutboxError> {
         let t = self.table.qualified();
         let States { pending, .. } = self.states();
+        let pending = match self.tracking {
+            Tracking::Rows => pending,
+            Tracking::Checkpoint => match self.checkpoint_snapshot().await? {
+                Some(since) => format!("{pending} AND {since}"),
+                None => pending,
+            },
+        };
         let sql = format!(
             "SELECT (SELECT count(*) FROM {t} AS o WHERE {pending}), \
                     (SELECT greatest(extract(epoch FROM now() - o.created_at), 0)::float8 \
