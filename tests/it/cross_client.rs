@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{create_topic, env_vars, services, unique, RelayProcess, TestDb};
+use crate::support::{
+    create_topic, in_both_modes, services, unique, RelayProcess, TestDb, Tracking,
+};
 
 /// The whole Python run: writing, consuming (its own deadline is 120 s) and the final marks.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(300);
@@ -62,15 +64,19 @@ async fn run_check(vars: &[(&str, &str)], timeout: Duration) -> (ExitStatus, Str
     (status, read(&stdout_path), read(&stderr_path))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_writers_and_a_pure_python_consumer_see_the_contract() {
+in_both_modes! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    python_writers_and_a_pure_python_consumer_see_the_contract,
+}
+
+async fn python_writers_and_a_pure_python_consumer_see_the_contract(tracking: Tracking) {
     let db = TestDb::create("cross_client").await;
     let topic = unique("it-cross-client");
     create_topic(&topic, 3).await;
     install_python_deps();
 
     let log = out_path("relay.log");
-    let mut relay = RelayProcess::spawn(&env_vars(&db.url, &[]), &log);
+    let mut relay = RelayProcess::spawn(&tracking.env_vars(&db.url, &[]), &log);
     let brokers = services().brokers.clone();
     let (status, stdout, stderr) = run_check(
         &[
