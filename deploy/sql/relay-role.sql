@@ -16,12 +16,18 @@
 --
 -- Order: run this file, then `posthorn migrate` as posthorn_migrator, then this file again. It is
 -- idempotent. Grants on a table only take effect once the table exists, so run it again after
--- every migration that adds a table (the leader election adds the lease table). If the outbox
+-- every migration that adds a table (the leader election adds the lease table, checkpoint
+-- tracking the checkpoint table). If the outbox
 -- was first migrated by another role, this file hands its objects to posthorn_migrator.
 --
 -- Written for the defaults (POSTHORN_SCHEMA=public, POSTHORN_TABLE=outbox). For other names
 -- replace, throughout: the schema "public"; the table "outbox"; and the derived names
--- "outbox_lease" (<table>_lease) and "posthorn_outbox_migrations" (posthorn_<table>_migrations).
+-- "outbox_lease" (<table>_lease), "outbox_checkpoint" (<table>_checkpoint) and
+-- "posthorn_outbox_migrations" (posthorn_<table>_migrations).
+--
+-- With POSTHORN_TRACKING=checkpoint, `posthorn redeliver` re-queues a row by deleting it and
+-- inserting it again: run it as a role that may INSERT into the outbox (the service's own role,
+-- or posthorn_migrator), not as posthorn_relay.
 --
 -- No passwords here: set them with \password (above) or ALTER ROLE ... PASSWORD from your secret
 -- store. LISTEN (how posthorn wakes up) and the NOTIFY sent by the outbox trigger need no grant.
@@ -75,6 +81,15 @@ BEGIN
         ALTER TABLE public.outbox_lease OWNER TO posthorn_migrator;
         GRANT SELECT, INSERT, UPDATE ON public.outbox_lease TO posthorn_relay;
         REVOKE DELETE, TRUNCATE, REFERENCES, TRIGGER ON public.outbox_lease FROM posthorn_relay;
+    END IF;
+
+    -- Checkpoint tracking's checkpoint row (<table>_checkpoint, migration 7): created with
+    -- INSERT, moved with UPDATE; in rows mode a checkpoint left by checkpoint mode is read and
+    -- DELETEd when rows mode takes over.
+    IF to_regclass('public.outbox_checkpoint') IS NOT NULL THEN
+        ALTER TABLE public.outbox_checkpoint OWNER TO posthorn_migrator;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON public.outbox_checkpoint TO posthorn_relay;
+        REVOKE TRUNCATE, REFERENCES, TRIGGER ON public.outbox_checkpoint FROM posthorn_relay;
     END IF;
 
     -- posthorn migrate's own bookkeeping: the migrator's only; the relay never reads it.

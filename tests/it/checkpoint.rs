@@ -995,7 +995,11 @@ async fn sigkill_between_publishing_and_the_checkpoint_update_loses_nothing() {
         .map(|(_, v)| v.clone())
         .expect("an instance id");
     let mut relay = RelayProcess::spawn(&vars, &relay_log_path("cp-sigkill"));
-    let writers = spawn_writers(&db.pool, &topic, &keys, N_KEYS * N_PER_KEY, 4);
+    // Writers run through every kill: each round writes its share while the relay runs (a
+    // single batch of writers can finish, and be drained, before the last kill on a fast
+    // machine, leaving nothing to publish past a held checkpoint).
+    let per_round = N_KEYS * N_PER_KEY / N_KILLS;
+    let mut writers = spawn_writers(&db.pool, &topic, &keys, per_round, 4);
     wait_for_checkpoint_row(&db.pool).await;
 
     // Rows published and not covered by the checkpoint when the relay was killed.
@@ -1003,6 +1007,7 @@ async fn sigkill_between_publishing_and_the_checkpoint_update_loses_nothing() {
     let mut report = Vec::new();
     let mut rng = rand::rng();
     for kill in 0..N_KILLS {
+        // This round's writers are running: at least 100 of their rows are yet to come.
         let progress = n_delivered(&db.pool).await + 100;
         wait_until(
             Duration::from_secs(120),
@@ -1055,7 +1060,13 @@ async fn sigkill_between_publishing_and_the_checkpoint_update_loses_nothing() {
             relay.wait(Duration::from_secs(30)).await;
             report.push(format!("kill {kill}: at a random moment"));
         }
+        writers.await.expect("writers");
         relay = RelayProcess::spawn(&vars, &relay_log_path("cp-sigkill"));
+        if kill + 1 < N_KILLS {
+            writers = spawn_writers(&db.pool, &topic, &keys, per_round, 4);
+        } else {
+            writers = tokio::spawn(async {});
+        }
     }
     writers.await.expect("writers");
     let n = (N_KEYS * N_PER_KEY) as i64;

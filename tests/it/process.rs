@@ -256,6 +256,9 @@ fn a_malformed_value_exits_2_naming_the_variable_without_echoing_secrets() {
             "postgres://u:hunter2@127.0.0.1:5432/db",
         ),
         ("POSTHORN_KAFKA_BROKERS", "127.0.0.1:9092"),
+        // Not the default port: another relay on this machine may hold it, and `run` binds it
+        // before librdkafka sees the properties.
+        ("POSTHORN_HTTP_ADDR", "127.0.0.1:0"),
     ];
     let cases: [(&str, &str, &str); 4] = [
         (

@@ -137,20 +137,21 @@ async fn insert_rows(db: &PgPool, aggregate_type: &str, n_rows: i32) {
     .expect("inserting outbox rows");
 }
 
-/// `posthorn run` connected as `relay_url` delivers rows the service (here the admin) commits:
-/// marked in Postgres, consumed from Kafka; SIGTERM stops it with status 0.
-async fn relay_delivers_rows(admin_db: &PgPool, relay_url: &str) {
+/// `posthorn run` connected as `relay_url`, tracking as `tracking` says, delivers 5 rows the
+/// service (here the admin) commits: delivered in Postgres (marked, or covered by the
+/// checkpoint), consumed from Kafka; SIGTERM stops it with status 0.
+async fn relay_delivers_rows(admin_db: &PgPool, relay_url: &str, tracking: &str) {
     let topic = unique("it-role");
     create_topic(&topic, 1).await;
+    let before = n_delivered(admin_db).await;
     insert_rows(admin_db, &topic, 5).await;
     let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.log"));
-    let mut relay = RelayProcess::spawn(&env_vars(relay_url, &[]), &log);
+    let mut relay = RelayProcess::spawn(
+        &env_vars(relay_url, &[("POSTHORN_TRACKING", tracking)]),
+        &log,
+    );
     wait_until(Duration::from_secs(30), "5 rows are delivered", || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(delivered_at) FROM outbox")
-            .fetch_one(admin_db)
-            .await
-            .expect("counting delivered rows")
-            == 5
+        n_delivered(admin_db).await == before + 5
     })
     .await;
     relay.signal("TERM");
@@ -160,6 +161,20 @@ async fn relay_delivers_rows(admin_db: &PgPool, relay_url: &str) {
     assert!(!log.contains("permission denied"), "{log}");
     let records = read_topic(&topic, 5, Duration::from_secs(30)).await;
     assert_eq!(records.len(), 5, "{records:?}");
+}
+
+/// Rows delivered in either tracking mode.
+async fn n_delivered(db: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox AS o WHERE o.delivered_at IS NOT NULL OR EXISTS ( \
+             SELECT 1 FROM outbox_checkpoint AS c \
+             WHERE pg_visible_in_snapshot(o.txid, c.snapshot) \
+                OR (c.window_end IS NOT NULL AND pg_visible_in_snapshot(o.txid, c.window_end) \
+                    AND o.id <= c.position))",
+    )
+    .fetch_one(db)
+    .await
+    .expect("counting delivered rows")
 }
 
 /// The documented order on a new database: the role file, `posthorn migrate` as the migrator,
@@ -180,7 +195,9 @@ async fn the_relay_role_relays_rows_but_cannot_change_the_schema() {
     assert!(ok, "posthorn check as posthorn_relay:\n{out}");
     assert!(out.contains("outbox    ok:"), "{out}");
 
-    relay_delivers_rows(&admin_db, &relay_url).await;
+    relay_delivers_rows(&admin_db, &relay_url, "rows").await;
+    // Checkpoint tracking as the relay role: it creates and moves the checkpoint row.
+    relay_delivers_rows(&admin_db, &relay_url, "checkpoint").await;
 
     let relay_db = connect(&relay_url).await;
     // Retention may delete delivered rows.
@@ -239,7 +256,7 @@ async fn an_outbox_migrated_by_another_role_is_handed_to_the_migrator() {
     let relay_url = url_as(&db.url, RELAY);
     let (ok, out) = posthorn("check", &relay_url);
     assert!(ok, "posthorn check as posthorn_relay:\n{out}");
-    relay_delivers_rows(&db.pool, &relay_url).await;
+    relay_delivers_rows(&db.pool, &relay_url, "rows").await;
     let relay_db = connect(&relay_url).await;
     assert_refused(&relay_db, "CREATE TABLE relay_scratch (id int)").await;
     assert_refused(&relay_db, "DROP TABLE outbox").await;
