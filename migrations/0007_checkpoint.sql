@@ -33,3 +33,10 @@ CREATE TABLE outbox_checkpoint (
     last_id     bigint      NULL,       -- the last row the latest advance covered
     CONSTRAINT outbox_checkpoint_window_check CHECK ((window_end IS NULL) = (position IS NULL))
 );
+
+-- Statistics for the new column now. Checkpoint mode's reads are planned with the window's
+-- txids as literals: without statistics on txid the planner guesses that a third of the table
+-- is in any window and reads it all through the pending index (measured: 164 ms for a caught-up
+-- poll of 200,000 rows, against 0.06 ms with statistics). The rewrite above leaves none, and
+-- autovacuum counts no changes from it. After a restore, ANALYZE the outbox too.
+ANALYZE outbox;

@@ -421,7 +421,7 @@ impl Outbox {
                 window_condition(from, to)
             ),
             None => format!(
-                "{}, pg_current_snapshot()::text AS window_end {} AND {}",
+                "{}, (SELECT pg_current_snapshot()::text) AS window_end {} AND {}",
                 self.window_select,
                 self.window_from,
                 since_condition(from)
