@@ -1104,6 +1104,33 @@ async fn sigkill_between_publishing_and_the_checkpoint_update_loses_nothing() {
     );
 }
 
+/// `posthorn status --json` of both sides agrees, and shows (pending, delivered, failed).
+fn assert_statuses_agree(sides: &[Side], when: &str, expected: (i64, i64, i64)) {
+    let statuses = [sides[0].status(), sides[1].status()];
+    assert_eq!(
+        status_figures(&statuses[0]),
+        status_figures(&statuses[1]),
+        "status agrees {when}: {} | {}",
+        statuses[0],
+        statuses[1]
+    );
+    let (pending, delivered, failed) = expected;
+    assert_eq!(
+        (
+            &statuses[1]["pending"],
+            &statuses[1]["delivered"],
+            &statuses[1]["failed"]
+        ),
+        (
+            &Value::from(pending),
+            &Value::from(delivered),
+            &Value::from(failed)
+        ),
+        "{}",
+        statuses[1]
+    );
+}
+
 /// One mode's side of the comparison: its database, topic and variables.
 struct Side {
     mode: &'static str,
@@ -1276,24 +1303,7 @@ async fn status_gauges_and_retention_agree_between_rows_and_checkpoint_mode() {
         "the gauges agree (rows, checkpoint)"
     );
     assert_eq!(running[1]["posthorn_rows_published_total"], Some(20.0));
-    let statuses = [sides[0].status(), sides[1].status()];
-    assert_eq!(
-        status_figures(&statuses[0]),
-        status_figures(&statuses[1]),
-        "status agrees while running: {} | {}",
-        statuses[0],
-        statuses[1]
-    );
-    assert_eq!(
-        (
-            &statuses[1]["pending"],
-            &statuses[1]["delivered"],
-            &statuses[1]["failed"]
-        ),
-        (&Value::from(0), &Value::from(20), &Value::from(2)),
-        "{}",
-        statuses[1]
-    );
+    assert_statuses_agree(&sides, "while running", (0, 20, 2));
     for relay in &mut relays {
         relay.signal("TERM");
         assert!(relay.wait(Duration::from_secs(30)).await.success());
@@ -1303,24 +1313,7 @@ async fn status_gauges_and_retention_agree_between_rows_and_checkpoint_mode() {
     for side in &sides {
         side.insert("p", 3, false).await;
     }
-    let statuses = [sides[0].status(), sides[1].status()];
-    assert_eq!(
-        status_figures(&statuses[0]),
-        status_figures(&statuses[1]),
-        "status agrees with rows pending: {} | {}",
-        statuses[0],
-        statuses[1]
-    );
-    assert_eq!(
-        (
-            &statuses[1]["pending"],
-            &statuses[1]["delivered"],
-            &statuses[1]["failed"]
-        ),
-        (&Value::from(3), &Value::from(20), &Value::from(2)),
-        "{}",
-        statuses[1]
-    );
+    assert_statuses_agree(&sides, "with rows pending", (3, 20, 2));
     let texts = [sides[0].status_text(), sides[1].status_text()];
     assert_eq!(texts[0], texts[1], "the status tables agree");
 

@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 
 use crate::support::{
     create_topic, env_vars, posthorn_command, read_topic, services, unique, wait_until,
-    RelayProcess, TestDb,
+    RelayProcess, TestDb, DELIVERED,
 };
 
 const RELAY: (&str, &str) = ("posthorn_relay", "posthorn-relay-test-password");
@@ -165,13 +165,9 @@ async fn relay_delivers_rows(admin_db: &PgPool, relay_url: &str, tracking: &str)
 
 /// Rows delivered in either tracking mode.
 async fn n_delivered(db: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM outbox AS o WHERE o.delivered_at IS NOT NULL OR EXISTS ( \
-             SELECT 1 FROM outbox_checkpoint AS c \
-             WHERE pg_visible_in_snapshot(o.txid, c.snapshot) \
-                OR (c.window_end IS NOT NULL AND pg_visible_in_snapshot(o.txid, c.window_end) \
-                    AND o.id <= c.position))",
-    )
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM outbox AS o WHERE {DELIVERED}"
+    )))
     .fetch_one(db)
     .await
     .expect("counting delivered rows")
