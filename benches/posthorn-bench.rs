@@ -428,6 +428,17 @@ async fn postgres_tls(args: &Args) -> anyhow::Result<(String, String)> {
     Ok((ssl, own))
 }
 
+/// Assigns every partition of `topic` to `consumer`, from the beginning.
+fn assign_from_beginning(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<()> {
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(())
+}
+
 fn rate_name(rate: u64) -> String {
     if rate == 0 {
         "max".into()
@@ -800,12 +811,7 @@ impl Tail {
                     .set("bootstrap.servers", &brokers)
                     .set("group.id", format!("posthorn-bench-tail-{topic}"))
                     .create()?;
-                let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-                let mut tpl = TopicPartitionList::new();
-                for p in md.topics()[0].partitions() {
-                    tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
-                }
-                c.assign(&tpl)?;
+                assign_from_beginning(&c, &topic)?;
                 let mut bytes = 0usize;
                 while !done.load(Ordering::Relaxed) {
                     if let Some(m) = c.poll(Duration::from_millis(50)) {
@@ -1183,12 +1189,7 @@ async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<St
                 .set("enable.auto.commit", "false")
                 .set("fetch.wait.max.ms", "5")
                 .create()?;
-            let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-            let mut tpl = TopicPartitionList::new();
-            for p in md.topics()[0].partitions() {
-                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
-            }
-            c.assign(&tpl)?;
+            assign_from_beginning(&c, &topic)?;
             let mut latencies: Vec<(usize, f64)> = Vec::new();
             while !done.load(Ordering::Relaxed) {
                 let Some(m) = c.poll(Duration::from_millis(50)) else {

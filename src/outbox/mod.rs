@@ -135,10 +135,6 @@ impl Outbox {
         self
     }
 
-    pub fn tracking(&self) -> Tracking {
-        self.tracking
-    }
-
     /// A handle tracking rows (`POSTHORN_TRACKING=rows`); see [`Outbox::tracked_by`].
     pub fn with_pool(pool: PgPool, table: &OutboxTable, policy: PoisonPolicy) -> Outbox {
         let t = table.qualified();

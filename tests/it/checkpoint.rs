@@ -16,41 +16,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use posthorn::config::Config;
 use rand::Rng;
 use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::AssertSqlSafe;
 
 use crate::support::{
-    assert_complete_and_ordered, create_aggregates, create_topic, env_vars, free_port, read_topic,
-    relay_log_path, run_posthorn, spawn_writers, unique, versions_per_key, wait_until,
-    write_versioned_event, Record, RelayProcess, RunningRelay, Scrape, TestDb,
+    assert_complete_and_ordered, create_aggregates, create_topic, env_vars, free_port,
+    insert_versioned_event, read_topic, relay_log_path, run_posthorn, spawn_writers, unique,
+    versions_per_key, wait_until, write_versioned_event, Record, RelayProcess, RunningRelay,
+    Scrape, TestDb, Tracking, DELIVERED,
 };
-
-/// Row `o` is delivered: marked, or not failed and covered by the checkpoint row (the condition
-/// of the checkpoint spec, valid in both modes; rows mode has no checkpoint row).
-const DELIVERED: &str = "(o.delivered_at IS NOT NULL \
-     OR (o.failed_at IS NULL AND EXISTS ( \
-           SELECT 1 FROM outbox_checkpoint c \
-           WHERE pg_visible_in_snapshot(o.txid, c.snapshot) \
-              OR (c.window_end IS NOT NULL AND pg_visible_in_snapshot(o.txid, c.window_end) \
-                  AND o.id <= c.position))))";
-
-const CHECKPOINT: (&str, &str) = ("POSTHORN_TRACKING", "checkpoint");
-const ROWS: (&str, &str) = ("POSTHORN_TRACKING", "rows");
-
-/// The relay's configuration in checkpoint mode.
-fn checkpoint_config(url: &str, extra: &[(&str, &str)]) -> Config {
-    Config::from_vars(checkpoint_vars(url, extra)).expect("valid checkpoint configuration")
-}
-
-/// The `POSTHORN_*` variables in checkpoint mode (for the binary).
-fn checkpoint_vars(url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut vars = vec![CHECKPOINT];
-    vars.extend_from_slice(extra);
-    env_vars(url, &vars)
-}
 
 async fn count_where(pool: &PgPool, condition: &str) -> i64 {
     sqlx::query_scalar(AssertSqlSafe(format!(
@@ -150,35 +126,6 @@ async fn insert_event<'e>(
     .expect("inserting an outbox row")
 }
 
-/// One versioned event of aggregate `key` inside the caller's transaction, serialized the way a
-/// service does it (lock the aggregate, bump its version, write the row); its version.
-async fn versioned_insert(conn: &mut PgConnection, topic: &str, key: &str) -> i64 {
-    let current: i32 =
-        sqlx::query_scalar("SELECT version FROM aggregates WHERE id = $1 FOR UPDATE")
-            .bind(key)
-            .fetch_one(&mut *conn)
-            .await
-            .expect("lock the aggregate");
-    let version = current + 1;
-    sqlx::query("UPDATE aggregates SET version = $2 WHERE id = $1")
-        .bind(key)
-        .bind(version)
-        .execute(&mut *conn)
-        .await
-        .expect("bump the version");
-    sqlx::query(
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ($1, $2, 'Incremented', jsonb_build_object('version', $3::int))",
-    )
-    .bind(topic)
-    .bind(key)
-    .bind(version)
-    .execute(&mut *conn)
-    .await
-    .expect("insert the outbox row");
-    i64::from(version)
-}
-
 fn outbox_id(record: &Record) -> i64 {
     record
         .header("outbox-id")
@@ -222,7 +169,7 @@ async fn a_row_committed_after_a_later_row_is_published_in_a_later_window() {
     let db = TestDb::create("cp_late").await;
     let topic = unique("it-cp-late");
     create_topic(&topic, 1).await;
-    let relay = RunningRelay::start(checkpoint_config(&db.url, &[]));
+    let relay = RunningRelay::start(Tracking::Checkpoint.config(&db.url, &[]));
     wait_for_checkpoint_row(&db.pool).await;
 
     // A takes the lower id and stays open; B takes the next one and commits.
@@ -281,7 +228,8 @@ async fn a_long_transaction_open_across_many_windows_stalls_no_one_and_arrives_a
     let mut all_keys = keys.clone();
     all_keys.push("long".to_owned());
     create_aggregates(&db.pool, &all_keys).await;
-    let relay = RunningRelay::start(checkpoint_config(&db.url, &[("POSTHORN_BATCH_SIZE", "50")]));
+    let relay =
+        RunningRelay::start(Tracking::Checkpoint.config(&db.url, &[("POSTHORN_BATCH_SIZE", "50")]));
     wait_for_checkpoint_row(&db.pool).await;
 
     // The long transaction: versions 1..=5 of "long", one statement per round, the aggregate
@@ -291,7 +239,7 @@ async fn a_long_transaction_open_across_many_windows_stalls_no_one_and_arrives_a
     let mut snapshots = Vec::new();
     for round in 0..ROUNDS {
         if round < LONG_VERSIONS {
-            versioned_insert(&mut long, &topic, "long").await;
+            insert_versioned_event(&mut long, &topic, "long", 0).await;
         }
         spawn_writers(&db.pool, &topic, &keys, PER_ROUND, 3)
             .await
@@ -377,7 +325,8 @@ async fn rolled_back_rows_never_reach_kafka_and_committed_ones_all_do() {
     let db = TestDb::create("cp_rollback").await;
     let topic = unique("it-cp-rollback");
     create_topic(&topic, 2).await;
-    let relay = RunningRelay::start(checkpoint_config(&db.url, &[("POSTHORN_BATCH_SIZE", "20")]));
+    let relay =
+        RunningRelay::start(Tracking::Checkpoint.config(&db.url, &[("POSTHORN_BATCH_SIZE", "20")]));
     wait_for_checkpoint_row(&db.pool).await;
 
     let tasks: Vec<_> = (0..N_TASKS)
@@ -493,7 +442,7 @@ async fn a_transaction_of_several_statements_and_savepoints_publishes_exactly_it
     let db = TestDb::create("cp_statements").await;
     let topic = unique("it-cp-statements");
     create_topic(&topic, 1).await;
-    let relay = RunningRelay::start(checkpoint_config(&db.url, &[]));
+    let relay = RunningRelay::start(Tracking::Checkpoint.config(&db.url, &[]));
     wait_for_checkpoint_row(&db.pool).await;
     let mut n_other = 0;
     let mut tx = db.pool.begin().await.expect("begin");
@@ -832,7 +781,7 @@ async fn transaction_ids_past_the_32_bit_boundary_keep_counting_and_lose_no_row(
     let db = TestDb::create_on(&cluster.admin_url(), "cp_xid", &[]).await;
     let topic = unique("it-cp-xid");
     create_topic(&topic, 1).await;
-    let relay = RunningRelay::start(checkpoint_config(&db.url, &[]));
+    let relay = RunningRelay::start(Tracking::Checkpoint.config(&db.url, &[]));
     wait_for_checkpoint_row(&db.pool).await;
 
     // Before the boundary: 10 rows of "before", each its own transaction.
@@ -988,7 +937,7 @@ async fn sigkill_between_publishing_and_the_checkpoint_update_loses_nothing() {
     create_topic(&topic, 3).await;
     let keys: Vec<String> = (0..N_KEYS).map(|k| format!("k{k}")).collect();
     create_aggregates(&db.pool, &keys).await;
-    let vars = checkpoint_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "50")]);
+    let vars = Tracking::Checkpoint.env_vars(&db.url, &[("POSTHORN_BATCH_SIZE", "50")]);
     let instance = vars
         .iter()
         .find(|(k, _)| k == "POSTHORN_INSTANCE_ID")
@@ -1264,7 +1213,10 @@ fn gauges(scrape: &Scrape, topic: &str) -> BTreeMap<String, Option<f64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_gauges_and_retention_agree_between_rows_and_checkpoint_mode() {
     let started = Instant::now();
-    let sides = [Side::new(ROWS).await, Side::new(CHECKPOINT).await];
+    let sides = [
+        Side::new(Tracking::Rows.var()).await,
+        Side::new(Tracking::Checkpoint.var()).await,
+    ];
     // The same workload, statement for statement (so the ids are the same too): delivered
     // rows, and rows Kafka never accepts (failed).
     for side in &sides {
@@ -1445,7 +1397,10 @@ fn with_vars(side: &Side, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 async fn retention_with_a_period_keeps_undelivered_rows_in_both_modes_and_counts_age_from_creation_in_checkpoint_mode(
 ) {
     let started = Instant::now();
-    let sides = [Side::new(ROWS).await, Side::new(CHECKPOINT).await];
+    let sides = [
+        Side::new(Tracking::Rows.var()).await,
+        Side::new(Tracking::Checkpoint.var()).await,
+    ];
     for side in &sides {
         side.insert("old", 5, false).await;
         side.insert("old_pending", 5, false).await;

@@ -22,7 +22,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::AssertSqlSafe;
 use tokio::task::JoinHandle;
 
@@ -820,17 +820,30 @@ pub async fn write_versioned_event(
     writer: usize,
 ) -> i64 {
     let mut tx = pool.begin().await.expect("begin");
+    let version = insert_versioned_event(&mut tx, aggregate_type, aggregate_id, writer).await;
+    tx.commit().await.expect("commit");
+    version
+}
+
+/// [`write_versioned_event`]'s statements inside the caller's transaction (which then holds
+/// the aggregate's lock until it ends); returns the version.
+pub async fn insert_versioned_event(
+    conn: &mut PgConnection,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    writer: usize,
+) -> i64 {
     let current: i32 =
         sqlx::query_scalar("SELECT version FROM aggregates WHERE id = $1 FOR UPDATE")
             .bind(aggregate_id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await
             .expect("lock the aggregate");
     let version = current + 1;
     sqlx::query("UPDATE aggregates SET version = $2 WHERE id = $1")
         .bind(aggregate_id)
         .bind(version)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await
         .expect("bump the aggregate's version");
     sqlx::query(
@@ -842,10 +855,9 @@ pub async fn write_versioned_event(
     .bind(aggregate_id)
     .bind(version)
     .bind(format!("w{writer}"))
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await
     .expect("insert the outbox row");
-    tx.commit().await.expect("commit");
     i64::from(version)
 }
 

@@ -8,8 +8,9 @@ use std::time::Duration;
 use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::support::{
-    assert_each_key_gapless_and_ordered, config, create_aggregates, read_topic, spawn_writers,
-    unique, versions_per_key, wait_until, RunningRelay, TestDb, DELIVERED,
+    assert_each_key_gapless_and_ordered, config, create_aggregates, insert_versioned_event,
+    read_topic, spawn_writers, unique, versions_per_key, wait_until, RunningRelay, TestDb,
+    DELIVERED,
 };
 
 const N_KEYS: usize = 10;
@@ -56,19 +57,7 @@ async fn switching_rows_to_checkpoint_and_back_loses_nothing_and_repeats_nothing
         .await
         .expect("writers");
     let mut open = db.pool.begin().await.expect("begin");
-    sqlx::query("UPDATE aggregates SET version = version + 1 WHERE id = 'k0'")
-        .execute(&mut *open)
-        .await
-        .expect("lock k0");
-    sqlx::query(
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-         SELECT $1, 'k0', 'Incremented', jsonb_build_object('version', version) \
-         FROM aggregates WHERE id = 'k0'",
-    )
-    .bind(&topic)
-    .execute(&mut *open)
-    .await
-    .expect("insert k0's row");
+    insert_versioned_event(&mut open, &topic, "k0", 0).await;
 
     let checkpoint_relay = relay(&db, "checkpoint");
     let others: Vec<String> = keys[1..].to_vec();
