@@ -84,6 +84,15 @@ impl fmt::Display for Snapshot {
     }
 }
 
+/// How rows recorded as done ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Done {
+    /// Kafka acknowledged them.
+    Published,
+    /// Set aside as failed (poison): `failed_at` is written.
+    SetAside,
+}
+
 /// Where publishing stands, as the checkpoint row records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Position {
@@ -499,15 +508,21 @@ impl Outbox {
         Ok(())
     }
 
-    /// Records `ids` as published (or set aside): moves the checkpoint over the done prefix,
-    /// and writes `delivered_at` on done rows beyond it. Fenced by `epoch`; returns how many
-    /// rows it recorded (0 for a deposed leader). The pages change only once the write
-    /// succeeded, so a retried call records the same rows.
-    pub(super) async fn record_done(&self, ids: &[i64], epoch: i64) -> Result<u64, OutboxError> {
+    /// Records `ids` as done: moves the checkpoint over the done prefix, and writes
+    /// `delivered_at` on published rows beyond it (rows set aside already have `failed_at`,
+    /// which keeps a re-read off them). Fenced by `epoch`; returns how many rows it recorded (0
+    /// for a deposed leader). The pages change only once the write succeeded, so a retried call
+    /// records the same rows.
+    pub(super) async fn record_done(
+        &self,
+        ids: &[i64],
+        done: Done,
+        epoch: i64,
+    ) -> Result<u64, OutboxError> {
         let mut plan = self.pages_lock().clone();
         let advance = plan.advance(ids);
         let mut n_recorded = 0;
-        if !advance.beyond.is_empty() {
+        if done == Done::Published && !advance.beyond.is_empty() {
             let beyond = Deliverable::from_ids(advance.beyond.clone());
             n_recorded += self.mark_rows_delivered(&beyond, epoch).await?;
         }

@@ -13,6 +13,7 @@ use crate::config::Tracking;
 use crate::events;
 use crate::row::{Failure, OutboxRow, Payload, Poisoned};
 
+use super::checkpoint::Done;
 use super::{Outbox, OutboxError};
 
 /// What [`Outbox::fetch_after`] found.
@@ -87,7 +88,7 @@ impl Outbox {
     pub async fn mark_delivered(&self, rows: &Deliverable, epoch: i64) -> Result<u64, OutboxError> {
         match self.tracking {
             Tracking::Rows => self.mark_rows_delivered(rows, epoch).await,
-            Tracking::Checkpoint => self.record_done(rows.ids(), epoch).await,
+            Tracking::Checkpoint => self.record_done(rows.ids(), Done::Published, epoch).await,
         }
     }
 
@@ -170,7 +171,7 @@ impl Outbox {
         if self.tracking == Tracking::Checkpoint {
             // Set aside: the checkpoint may pass them.
             let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
-            self.record_done(&ids, epoch).await?;
+            self.record_done(&ids, Done::SetAside, epoch).await?;
         }
         Ok(())
     }
