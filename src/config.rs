@@ -65,6 +65,10 @@ struct RawEnv {
     health_stall_seconds: Option<String>,
     retention: Option<String>,
     tracking: Option<String>,
+    delivery: Option<String>,
+    checkpoint_topic: Option<String>,
+    transactional_id: Option<String>,
+    test_fault: Option<String>,
 }
 
 /// Names of the variables [`RawEnv`] knows, for the unknown-variable warning.
@@ -88,6 +92,10 @@ const KNOWN_VARS: &[&str] = &[
     "HEALTH_STALL_SECONDS",
     "RETENTION",
     "TRACKING",
+    "DELIVERY",
+    "CHECKPOINT_TOPIC",
+    "TRANSACTIONAL_ID",
+    "TEST_FAULT",
 ];
 
 const EX_DATABASE_URL: &str = "postgres://posthorn:secret@127.0.0.1:5432/app";
@@ -125,6 +133,16 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// How the relay records what it published: per row, or with one snapshot checkpoint.
     pub tracking: Tracking,
+    /// At least once (idempotent producer) or exactly once (a Kafka transaction per batch).
+    pub delivery: Delivery,
+    /// Exactly once: the compacted topic holding the outbox's last committed checkpoint
+    /// (default `posthorn-checkpoint.<schema>.<table>`).
+    pub checkpoint_topic: String,
+    /// Exactly once: the producer's `transactional.id`, shared by every replica of this outbox
+    /// (default: `posthorn-` and the outbox's identity, read from `<table>_identity`).
+    pub transactional_id: Option<String>,
+    /// A test-only fault point (`POSTHORN_TEST_FAULT`); never set in production.
+    pub test_fault: Option<TestFault>,
     /// `POSTHORN_*` variables that posthorn does not know (typos, or injected by an orchestrator).
     pub unknown_vars: Vec<String>,
 }
@@ -240,6 +258,25 @@ impl Config {
         )?);
         let retention = parse_retention(raw.retention.as_deref())?;
         let tracking = Tracking::parse(raw.tracking.as_deref())?;
+        let delivery = Delivery::parse(raw.delivery.as_deref(), tracking)?;
+        let checkpoint_topic = match raw.checkpoint_topic.as_deref().map(str::trim) {
+            Some(topic) if !topic.is_empty() => {
+                if let Some(problem) = topic_name_problem(topic) {
+                    return Err(ConfigError::invalid(
+                        "POSTHORN_CHECKPOINT_TOPIC",
+                        problem,
+                        "posthorn-checkpoint.public.outbox",
+                    ));
+                }
+                topic.to_owned()
+            }
+            _ => outbox.default_checkpoint_topic(),
+        };
+        let transactional_id = match raw.transactional_id.as_deref().map(str::trim) {
+            Some(id) if !id.is_empty() => Some(id.to_owned()),
+            _ => None,
+        };
+        let test_fault = TestFault::parse(raw.test_fault.as_deref())?;
 
         let unknown_vars = vars
             .iter()
@@ -267,6 +304,10 @@ impl Config {
             health_stall,
             retention,
             tracking,
+            delivery,
+            checkpoint_topic,
+            transactional_id,
+            test_fault,
             unknown_vars,
         })
     }
@@ -480,6 +521,13 @@ impl KafkaConfig {
                 continue;
             }
             let property = kafka_property_name(name);
+            if property == "transactional.id" {
+                return Err(ConfigError::invalid(
+                    var,
+                    "set it with POSTHORN_TRANSACTIONAL_ID (used with POSTHORN_DELIVERY=exactly-once)",
+                    "POSTHORN_TRANSACTIONAL_ID=posthorn-orders",
+                ));
+            }
             if property == "bootstrap.servers" {
                 return Err(ConfigError::invalid(
                     var,
@@ -585,6 +633,12 @@ impl OutboxTable {
     /// The LISTEN/NOTIFY channel the outbox trigger notifies: `posthorn.<schema>.<table>`.
     pub fn channel(&self) -> String {
         format!("posthorn.{}.{}", self.schema, self.table)
+    }
+
+    /// Exactly once's checkpoint topic unless `POSTHORN_CHECKPOINT_TOPIC` names another:
+    /// `posthorn-checkpoint.<schema>.<table>` (identifiers are valid topic characters).
+    pub fn default_checkpoint_topic(&self) -> String {
+        format!("posthorn-checkpoint.{}.{}", self.schema, self.table)
     }
 }
 
@@ -712,6 +766,83 @@ impl Tracking {
         match self {
             Tracking::Rows => "rows",
             Tracking::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+/// `POSTHORN_DELIVERY`: what a consumer of the topics may count on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The idempotent producer: every committed row at least once; a crash or a failover may
+    /// publish the last batches again.
+    AtLeastOnce,
+    /// One Kafka transaction per batch, with a checkpoint record in the same transaction and
+    /// the producer fenced by its `transactional.id`: a `read_committed` consumer sees every
+    /// committed row once. Requires `POSTHORN_TRACKING=checkpoint`.
+    ExactlyOnce,
+}
+
+impl Delivery {
+    fn parse(value: Option<&str>, tracking: Tracking) -> Result<Delivery, ConfigError> {
+        let delivery = match value.map(str::trim) {
+            None | Some("at-least-once") => Delivery::AtLeastOnce,
+            Some("exactly-once") => Delivery::ExactlyOnce,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "POSTHORN_DELIVERY",
+                    format!("'{other}' is neither 'at-least-once' nor 'exactly-once'"),
+                    "exactly-once",
+                ))
+            }
+        };
+        if delivery == Delivery::ExactlyOnce && tracking != Tracking::Checkpoint {
+            return Err(ConfigError::invalid(
+                "POSTHORN_DELIVERY",
+                "exactly-once needs POSTHORN_TRACKING=checkpoint: a re-queued row then comes \
+                 back under a new id, so a checkpoint record naming ids can never mark it again",
+                "exactly-once (with POSTHORN_TRACKING=checkpoint)",
+            ));
+        }
+        Ok(delivery)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::AtLeastOnce => "at-least-once",
+            Delivery::ExactlyOnce => "exactly-once",
+        }
+    }
+}
+
+/// `POSTHORN_TEST_FAULT`: a fault point for the test suite, `<point>:<n>` (at the n-th Kafka
+/// commit). Not for production: it kills or stops the process on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    /// Abort the process right after the n-th commit, before Postgres records it.
+    CrashAfterCommit(u64),
+    /// SIGSTOP the process right before the n-th commit (after every check that it still
+    /// leads), so that a test can freeze a leader at its worst moment.
+    StopBeforeCommit(u64),
+}
+
+impl TestFault {
+    fn parse(value: Option<&str>) -> Result<Option<TestFault>, ConfigError> {
+        let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        let bad = || {
+            ConfigError::invalid(
+                "POSTHORN_TEST_FAULT",
+                format!("'{value}' is not crash-after-commit:<n> or stop-before-commit:<n>"),
+                "crash-after-commit:3",
+            )
+        };
+        let (point, n) = value.split_once(':').ok_or_else(bad)?;
+        let n: u64 = n.trim().parse().map_err(|_| bad())?;
+        match point.trim() {
+            "crash-after-commit" => Ok(Some(TestFault::CrashAfterCommit(n))),
+            "stop-before-commit" => Ok(Some(TestFault::StopBeforeCommit(n))),
+            _ => Err(bad()),
         }
     }
 }

@@ -17,6 +17,7 @@ pub struct RelayStarted<'a> {
     pub table: &'a str,
     pub batch_size: usize,
     pub tracking: crate::config::Tracking,
+    pub delivery: crate::config::Delivery,
 }
 impl RelayStarted<'_> {
     pub fn emit(self) {
@@ -26,6 +27,7 @@ impl RelayStarted<'_> {
             table = self.table,
             batch_size = self.batch_size,
             tracking = self.tracking.as_str(),
+            delivery = self.delivery.as_str(),
             "Relay started."
         );
         // A standby until the lease is acquired.
@@ -296,6 +298,147 @@ impl CheckpointCreated<'_> {
             snapshot = self.snapshot,
             "Tracking this outbox with a checkpoint; every row still pending is in a later window."
         );
+    }
+}
+
+/// Exactly once: this producer called `init_transactions`, fencing any older one.
+pub struct TransactionsInitialised<'a> {
+    pub transactional_id: &'a str,
+    pub epoch: i64,
+}
+impl TransactionsInitialised<'_> {
+    pub fn emit(self) {
+        info!(
+            transactional_id = self.transactional_id,
+            epoch = self.epoch,
+            "Kafka transactions initialised; any older producer with this transactional.id is fenced."
+        );
+    }
+}
+
+/// Exactly once: a transaction committed (metric only: one per batch).
+pub struct TransactionCommitted {
+    pub n_records: usize,
+}
+impl TransactionCommitted {
+    pub fn emit(self) {
+        debug!(n_records = self.n_records, "Kafka transaction committed.");
+        METRICS.transactions.with_label_values(&["committed"]).inc();
+    }
+}
+
+/// Exactly once: a transaction was aborted (or could not be, and the producer is dropped).
+pub struct TransactionAborted<'a> {
+    pub reason: &'a str,
+    /// The abort failed too: the producer is dropped and the relay leads afresh.
+    pub producer_lost: bool,
+}
+impl TransactionAborted<'_> {
+    pub fn emit(self) {
+        warn!(
+            reason = self.reason,
+            producer_lost = self.producer_lost,
+            "Kafka transaction aborted; its rows are published again."
+        );
+        METRICS.transactions.with_label_values(&["aborted"]).inc();
+    }
+}
+
+/// Exactly once: a newer producer with this outbox's transactional.id fenced ours.
+pub struct ProducerFenced<'a> {
+    pub transactional_id: &'a str,
+    pub error: &'a str,
+    /// Whether this instance still held the lease by its own clock: then another relay uses
+    /// the same transactional.id (a configuration error).
+    pub lease_held: bool,
+}
+impl ProducerFenced<'_> {
+    pub fn emit(self) {
+        if self.lease_held {
+            error!(
+                transactional_id = self.transactional_id,
+                error = self.error,
+                "Fenced by another producer with this transactional.id while holding the lease:                  another relay uses the same POSTHORN_TRANSACTIONAL_ID. Standing by."
+            );
+        } else {
+            warn!(
+                transactional_id = self.transactional_id,
+                error = self.error,
+                "Fenced by the next leader's producer; nothing more is written. Standing by."
+            );
+        }
+        METRICS.producer_fenced.inc();
+    }
+}
+
+/// Exactly once: a new leader recorded in Postgres what the last committed checkpoint names.
+pub struct CheckpointRecovered {
+    pub epoch: i64,
+    pub transaction: u64,
+    pub n_published: usize,
+    pub n_set_aside: usize,
+    /// Rows that were not yet recorded in Postgres, recorded now.
+    pub n_recorded: u64,
+}
+impl CheckpointRecovered {
+    pub fn emit(self) {
+        if self.n_recorded > 0 {
+            info!(
+                epoch = self.epoch,
+                transaction = self.transaction,
+                n_published = self.n_published,
+                n_set_aside = self.n_set_aside,
+                n_recorded = self.n_recorded,
+                "The last committed Kafka transaction was not yet recorded in Postgres; recorded it, so none of its rows is published again."
+            );
+        } else {
+            debug!(
+                epoch = self.epoch,
+                transaction = self.transaction,
+                "The last committed Kafka transaction is recorded in Postgres."
+            );
+        }
+    }
+}
+
+pub struct CheckpointTopicCreated<'a> {
+    pub topic: &'a str,
+}
+impl CheckpointTopicCreated<'_> {
+    pub fn emit(self) {
+        info!(
+            topic = self.topic,
+            "Created the compacted checkpoint topic."
+        );
+    }
+}
+
+/// Exactly once: leading could not begin (Kafka or Postgres unavailable for init or recovery).
+pub struct RecoveryFailed<'a> {
+    pub error: &'a str,
+    pub retry_in: Duration,
+}
+impl RecoveryFailed<'_> {
+    pub fn emit(self) {
+        warn!(
+            error = self.error,
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            "Could not start leading with exactly-once delivery (transactions or the checkpoint topic); retrying."
+        );
+        METRICS
+            .dependency_errors
+            .with_label_values(&["kafka"])
+            .inc();
+    }
+}
+
+/// A test-only fault point fired (`POSTHORN_TEST_FAULT`).
+pub struct TestFaultFired<'a> {
+    pub point: &'a str,
+}
+impl TestFaultFired<'_> {
+    pub fn emit(self) {
+        error!(point = self.point, "POSTHORN_TEST_FAULT fired.");
     }
 }
 

@@ -9,6 +9,8 @@
 //! - [`publisher`]: the only rdkafka code (row → record, pipelined send, delivery reports).
 //! - [`acks`]: which acknowledged rows may be marked (per-aggregate order).
 //! - [`lease`]: one publisher per outbox (a lease row with an epoch).
+//! - [`checkpoint_record`]: exactly-once's checkpoint record, committed in each Kafka
+//!   transaction.
 //! - [`relay`]: the loop that ties them together.
 //! - [`migrate`]: the outbox schema, applied by `posthorn migrate`.
 //! - [`sidecar`]: `posthorn run` as deployed: the relay plus [`http`] (`/metrics`, `/healthz`,
@@ -21,6 +23,7 @@
 
 pub mod acks;
 pub(crate) mod backlog;
+pub mod checkpoint_record;
 pub mod cli;
 pub mod config;
 pub(crate) mod events;

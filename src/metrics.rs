@@ -45,11 +45,17 @@ pub struct Metrics {
     pub dependency_errors: IntCounterVec,
     pub leader: IntGauge,
     pub retention_deleted: IntCounter,
+    /// Exactly once: Kafka transactions, by outcome: `committed`, `aborted`.
+    pub transactions: IntCounterVec,
+    /// Exactly once: times this instance's producer found itself fenced by a newer one.
+    pub producer_fenced: IntCounter,
     build_info: IntGaugeVec,
 }
 
 /// Failure kinds, pre-set to 0 so that a rate() over them exists before the first failure.
 pub const FAILURE_KINDS: [&str; 3] = ["transient", "suspect", "poison"];
+/// Transaction outcomes, pre-set to 0.
+pub const TRANSACTION_OUTCOMES: [&str; 2] = ["committed", "aborted"];
 /// Services posthorn reconnects to.
 pub const SERVICES: [&str; 2] = ["postgres", "kafka"];
 
@@ -171,6 +177,19 @@ impl Metrics {
                 "Delivered rows deleted after POSTHORN_RETENTION.",
             )
             .expect("valid metric"),
+            transactions: IntCounterVec::new(
+                Opts::new(
+                    "posthorn_kafka_transactions_total",
+                    "Exactly once: Kafka transactions by outcome: committed (their rows are published), aborted (published again later).",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            producer_fenced: IntCounter::new(
+                "posthorn_kafka_producer_fenced_total",
+                "Exactly once: times a newer producer with this outbox's transactional.id fenced this instance's.",
+            )
+            .expect("valid metric"),
             build_info: IntGaugeVec::new(
                 Opts::new("posthorn_build_info", "Always 1; the label says the version."),
                 &["version"],
@@ -180,6 +199,9 @@ impl Metrics {
         for kind in FAILURE_KINDS {
             m.publish_failures.with_label_values(&[kind]);
         }
+        for outcome in TRANSACTION_OUTCOMES {
+            m.transactions.with_label_values(&[outcome]);
+        }
         for service in SERVICES {
             m.reconnects.with_label_values(&[service]);
             m.dependency_errors.with_label_values(&[service]);
@@ -187,7 +209,7 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(m.rows_published.clone()),
             Box::new(m.rows_delivered.clone()),
             Box::new(m.publish_failures.clone()),
@@ -204,6 +226,8 @@ impl Metrics {
             Box::new(m.dependency_errors.clone()),
             Box::new(m.leader.clone()),
             Box::new(m.retention_deleted.clone()),
+            Box::new(m.transactions.clone()),
+            Box::new(m.producer_fenced.clone()),
             Box::new(m.build_info.clone()),
         ];
         for collector in collectors {
@@ -241,6 +265,8 @@ mod tests {
             "posthorn_backlog_rows 3",
             "posthorn_commit_to_ack_seconds_bucket",
             "posthorn_leader",
+            "posthorn_kafka_transactions_total{outcome=\"aborted\"} 0",
+            "posthorn_kafka_producer_fenced_total 0",
             "posthorn_build_info{version=",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");

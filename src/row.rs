@@ -92,6 +92,10 @@ pub enum Failure {
     /// A poison row that the dead-letter topic refused: it stays pending.
     #[error("{reason}; publishing to the dead-letter topic failed: Kafka: {kafka}")]
     DeadLetterFailed { reason: Poison, kafka: String },
+    /// Exactly once: every record was acknowledged, but the transaction holding them could not
+    /// commit and was aborted; the row is published again in a later transaction.
+    #[error("Kafka transaction aborted: {0}")]
+    TransactionAborted(String),
     /// A poison row that could not be dead-lettered for want of a producer.
     #[error("{reason}; not yet dead-lettered: no usable producer")]
     NoProducerForDeadLetter { reason: Poison },

@@ -17,12 +17,13 @@
 -- Order: run this file, then `posthorn migrate` as posthorn_migrator, then this file again. It is
 -- idempotent. Grants on a table only take effect once the table exists, so run it again after
 -- every migration that adds a table (the leader election adds the lease table, checkpoint
--- tracking the checkpoint table). If the outbox
+-- tracking the checkpoint table, version 8 the identity table). If the outbox
 -- was first migrated by another role, this file hands its objects to posthorn_migrator.
 --
 -- Written for the defaults (POSTHORN_SCHEMA=public, POSTHORN_TABLE=outbox). For other names
 -- replace, throughout: the schema "public"; the table "outbox"; and the derived names
--- "outbox_lease" (<table>_lease), "outbox_checkpoint" (<table>_checkpoint) and
+-- "outbox_lease" (<table>_lease), "outbox_checkpoint" (<table>_checkpoint),
+-- "outbox_identity" (<table>_identity) and
 -- "posthorn_outbox_migrations" (posthorn_<table>_migrations).
 --
 -- With POSTHORN_TRACKING=checkpoint, `posthorn redeliver` re-queues a row by deleting it and
@@ -90,6 +91,15 @@ BEGIN
         ALTER TABLE public.outbox_checkpoint OWNER TO posthorn_migrator;
         GRANT SELECT, INSERT, UPDATE, DELETE ON public.outbox_checkpoint TO posthorn_relay;
         REVOKE TRUNCATE, REFERENCES, TRIGGER ON public.outbox_checkpoint FROM posthorn_relay;
+    END IF;
+
+    -- The outbox's identity (<table>_identity, migration 8): read by an exactly-once relay,
+    -- whose transactional.id and checkpoint records it names. Never written by the relay.
+    IF to_regclass('public.outbox_identity') IS NOT NULL THEN
+        ALTER TABLE public.outbox_identity OWNER TO posthorn_migrator;
+        GRANT SELECT ON public.outbox_identity TO posthorn_relay;
+        REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON public.outbox_identity
+            FROM posthorn_relay;
     END IF;
 
     -- posthorn migrate's own bookkeeping: the migrator's only; the relay never reads it.

@@ -9,6 +9,7 @@
 //! to skip.
 
 mod checkpoint;
+mod committed;
 mod listen;
 mod operator_sql;
 mod relay_sql;

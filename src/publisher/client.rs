@@ -61,6 +61,9 @@ impl ClientContext for KafkaClient {
     }
 }
 
+/// The checkpoint topic's reader (exactly once) is a consumer with the probe's context.
+impl rdkafka::consumer::ConsumerContext for KafkaClient {}
+
 /// Delivery reports go to the oneshot channel each record carries.
 impl ProducerContext for KafkaClient {
     type DeliveryOpaque = Box<oneshot::Sender<Result<(), KafkaError>>>;

@@ -7,6 +7,7 @@
 mod client;
 mod probe;
 mod record;
+mod transaction;
 mod verdict;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use verdict::{record_failure, settle};
 
 pub(crate) use probe::KafkaProbe;
 pub(crate) use record::DeadLetterPayload;
+pub(crate) use transaction::{ensure_checkpoint_topic, last_checkpoint, TxnError, TxnSettings};
 pub(crate) use verdict::{DeadLetterError, FatalError, PublishReport};
 
 /// Header names posthorn sets on every record; a row's own `headers` may not use them.
@@ -102,11 +104,13 @@ pub enum PublisherError {
     Metadata { brokers: String, source: KafkaError },
 }
 
-/// The idempotent producer and the rules that turn a row into a record.
+/// The idempotent (or transactional) producer and the rules that turn a row into a record.
 pub(crate) struct Publisher {
     producer: PolledProducer,
     topic_template: TopicTemplate,
     brokers: String,
+    /// Exactly once: the transactional state; none for the idempotent producer.
+    txn: Option<transaction::Txn>,
 }
 
 /// What the broker told `check`.
@@ -134,6 +138,31 @@ impl Publisher {
         Publisher::with_client(kafka, topic_template, KafkaClient::Check)
     }
 
+    /// Exactly once's producer: posthorn's defaults, the transactional ones on top
+    /// (`transaction::TRANSACTIONAL`), the user's properties, and `settings.transactional_id`.
+    /// It publishes nothing before `init_transactions`.
+    pub(crate) fn transactional(
+        kafka: &KafkaConfig,
+        topic_template: &TopicTemplate,
+        settings: TxnSettings,
+    ) -> Result<Publisher, PublisherError> {
+        let mut config = client_config(kafka);
+        for (k, v) in transaction::TRANSACTIONAL {
+            if !kafka.properties.contains_key(*k) {
+                config.set(*k, *v);
+            }
+        }
+        config.set("transactional.id", &settings.transactional_id);
+        let producer =
+            PolledProducer::new(&config, KafkaClient::Producer).map_err(creation_error)?;
+        Ok(Publisher {
+            producer,
+            topic_template: topic_template.clone(),
+            brokers: kafka.brokers.clone(),
+            txn: Some(transaction::Txn::new(settings)),
+        })
+    }
+
     fn with_client(
         kafka: &KafkaConfig,
         topic_template: &TopicTemplate,
@@ -145,6 +174,7 @@ impl Publisher {
             producer,
             topic_template: topic_template.clone(),
             brokers: kafka.brokers.clone(),
+            txn: None,
         })
     }
 
@@ -342,7 +372,68 @@ impl Publisher {
 
     /// Publishes poison rows to the dead-letter topic (`record::dead_letter_record`), one at a
     /// time. Returns, per row, whether it got there.
+    ///
+    /// A transactional producer sends them in one transaction, whose checkpoint record sets
+    /// them aside: if it cannot commit, none got there.
     pub(crate) async fn dead_letter(
+        &self,
+        rows: &[(&OutboxRow, Poison)],
+        topic: &str,
+        payload: DeadLetterPayload,
+    ) -> Vec<Result<(), DeadLetterError>> {
+        if !self.is_transactional() {
+            return self.dead_letter_each(rows, topic, payload).await;
+        }
+        if let Err(err) = self.begin_transaction().await {
+            let refused = DeadLetterError::Refused(err.to_string());
+            return rows.iter().map(|_| Err(refused.clone())).collect();
+        }
+        let mut results = self.dead_letter_each(rows, topic, payload).await;
+        let set_aside: Vec<crate::checkpoint_record::SetAside> = rows
+            .iter()
+            .zip(&results)
+            .filter(|(_, result)| result.is_ok())
+            .map(|((row, reason), _)| crate::checkpoint_record::SetAside {
+                id: row.id,
+                reason: crate::row::Poisoned {
+                    reason: reason.clone(),
+                    dead_letter_topic: Some(topic.to_owned()),
+                }
+                .to_string(),
+            })
+            .collect();
+        let outcome = if set_aside.is_empty() {
+            Err(TxnError::Abortable("nothing was dead-lettered".to_owned()))
+        } else {
+            self.commit_transaction(&[], set_aside).await.map(|_| ())
+        };
+        match outcome {
+            Ok(()) => events::TransactionCommitted {
+                n_records: rows.len(),
+            }
+            .emit(),
+            Err(err) => {
+                let aborted = match &err {
+                    TxnError::Abortable(_) => self.abort_transaction().await,
+                    _ => Err(err.clone()),
+                };
+                events::TransactionAborted {
+                    reason: &err.to_string(),
+                    producer_lost: aborted.is_err(),
+                }
+                .emit();
+                for result in results.iter_mut().filter(|r| r.is_ok()) {
+                    *result = Err(DeadLetterError::Refused(format!(
+                        "its transaction did not commit: {err}"
+                    )));
+                }
+            }
+        }
+        results
+    }
+
+    /// Each row to the dead-letter topic, one at a time.
+    async fn dead_letter_each(
         &self,
         rows: &[(&OutboxRow, Poison)],
         topic: &str,

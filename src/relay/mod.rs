@@ -12,6 +12,7 @@
 //! (Postgres or Kafka down, a failed record) never end the loop: it logs, backs off and resumes
 //! from the oldest undelivered row. Only a stop signal ends it.
 
+mod exactly_once;
 mod pipeline;
 mod poison;
 mod producer;
@@ -29,13 +30,13 @@ use crate::events;
 use crate::heartbeat::Heartbeat;
 use crate::lease::{Keeper, Lease, LeaseWatch};
 use crate::outbox::{Outbox, OutboxError, ReadPast, Wakeups};
-use crate::publisher::PublisherError;
+use crate::publisher::{PublisherError, TxnError};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
 
 use pipeline::{
     Acked, Acknowledged, LeaseState, Leave, Next, Pipeline, Read, ReadDone, ReadKind, SettleReport,
-    Unclean, Work,
+    Transaction, Unclean, Work,
 };
 use producer::ProducerSlot;
 
@@ -95,6 +96,7 @@ pub(crate) async fn run_with_heartbeat(
         table: &config.outbox.qualified(),
         batch_size: config.batch_size,
         tracking: config.tracking,
+        delivery: config.delivery,
     }
     .emit();
     let lease = Arc::new(Lease::new(
@@ -115,6 +117,7 @@ pub(crate) async fn run_with_heartbeat(
         pipeline: Pipeline::new(config.batch_size),
         producer,
         stats: RelayStats::default(),
+        fenced_holding_lease: false,
     };
 
     let mut last_epoch = None;
@@ -123,7 +126,15 @@ pub(crate) async fn run_with_heartbeat(
         match relay.lead(&mut state, epoch, &mut shutdown).await {
             Leave::Stop => break,
             // Lost the lease: drop the producer (purging whatever it still holds).
-            Leave::StandBy => state.producer.close(),
+            Leave::StandBy => {
+                state.producer.close();
+                if std::mem::take(&mut state.fenced_holding_lease) {
+                    // Another relay uses this transactional.id: don't fence it straight back.
+                    relay
+                        .sleep_unless_stopped(exactly_once::AFTER_FENCED, &mut shutdown)
+                        .await;
+                }
+            }
         }
     }
     // Everything acknowledged was marked before this: the mark is fenced by the lease.
@@ -195,6 +206,8 @@ struct State {
     pipeline: Pipeline,
     producer: ProducerSlot,
     stats: RelayStats,
+    /// Exactly once: the producer was fenced while this instance held the lease.
+    fenced_holding_lease: bool,
 }
 
 /// The events the loop waits for.
@@ -233,6 +246,9 @@ impl<'a> Relay<'a> {
         };
         let (mut stopping, mut lease_lost) = (false, false);
         self.outbox.begin_epoch();
+        if let Some(leave) = self.begin_leading(state, epoch, shutdown).await {
+            return leave;
+        }
         let mut next = state.pipeline.lead(epoch);
         loop {
             if let Some(leave) = self
@@ -253,7 +269,21 @@ impl<'a> Relay<'a> {
             };
             self.heartbeat.beat();
             next = match event {
-                Event::Acknowledged(acknowledged) => state.pipeline.acknowledged(acknowledged),
+                Event::Acknowledged(acknowledged) => {
+                    if let Transaction::ProducerLost(TxnError::Fenced(error)) =
+                        &acknowledged.transaction
+                    {
+                        let lease_held = self.lease.leads_with(epoch);
+                        state.fenced_holding_lease = lease_held;
+                        events::ProducerFenced {
+                            transactional_id: state.producer.transactional_id().unwrap_or(""),
+                            error,
+                            lease_held,
+                        }
+                        .emit();
+                    }
+                    state.pipeline.acknowledged(acknowledged)
+                }
                 Event::Marked(marked) => {
                     self.report_marked(state, marked);
                     state.pipeline.marked()
@@ -275,6 +305,45 @@ impl<'a> Relay<'a> {
                     state.pipeline.stop()
                 }
             };
+        }
+    }
+
+    /// Exactly once: fences, reads the checkpoint topic and records its last transaction
+    /// before the first read, retrying until it succeeds; `Some` if the relay must leave
+    /// instead (the stop signal, the lease lost). At least once: nothing to do.
+    async fn begin_leading(
+        &self,
+        state: &mut State,
+        epoch: i64,
+        shutdown: &mut Shutdown,
+    ) -> Option<Leave> {
+        let mut backoff = Backoff::with_bounds(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let result = self
+                .heartbeat
+                .during(exactly_once::begin_leading(
+                    &mut state.producer,
+                    &self.outbox,
+                    epoch,
+                ))
+                .await;
+            let Err(error) = result else {
+                return None;
+            };
+            let retry_in = backoff.next_delay();
+            events::RecoveryFailed {
+                error: &error.to_string(),
+                retry_in,
+            }
+            .emit();
+            state.producer.close();
+            self.sleep_unless_stopped(retry_in, shutdown).await;
+            if shutdown.is_triggered() {
+                return Some(Leave::Stop);
+            }
+            if !self.lease.leads_with(epoch) {
+                return Some(Leave::StandBy);
+            }
         }
     }
 
@@ -375,25 +444,56 @@ impl<'a> Relay<'a> {
         if let (Some(rows), Some(producer)) = (publish, producer) {
             let (config, heartbeat, lease) = (self.config, self.heartbeat, &self.lease);
             let mut shutdown = shutdown.clone();
+            // Exactly once: the batch before this one may still be being marked; this
+            // transaction's checkpoint names its rows too.
+            let unmarked: Vec<i64> = acked
+                .as_ref()
+                .map(|a| a.deliverable.ids().to_vec())
+                .unwrap_or_default();
             running.publishing.start(async move {
                 let started = Instant::now();
-                let mut tracker = Tracker::new(&rows, config.on_poison);
                 let still_leader = || lease.leads_with(epoch);
-                // A batch waits as long as the broker is away: that is a legitimate wait.
-                let report = heartbeat
-                    .during(producer.publish(
-                        &rows,
-                        &mut tracker,
-                        &mut shutdown,
-                        config.shutdown_timeout,
-                        &still_leader,
-                        config.ack_stall,
-                    ))
-                    .await;
-                let settled = tracker.finish();
+                let began = match producer.is_transactional() {
+                    true => Some(producer.begin_transaction().await),
+                    false => None,
+                };
+                let (settled, report, transaction) = match began {
+                    Some(Err(error)) => exactly_once::not_begun(&rows, config.on_poison, error),
+                    began => {
+                        let mut tracker = Tracker::new(&rows, config.on_poison);
+                        // A batch waits as long as the broker is away: a legitimate wait.
+                        let report = heartbeat
+                            .during(producer.publish(
+                                &rows,
+                                &mut tracker,
+                                &mut shutdown,
+                                config.shutdown_timeout,
+                                &still_leader,
+                                config.ack_stall,
+                            ))
+                            .await;
+                        let settled = tracker.finish();
+                        match began {
+                            None => (settled, report, Transaction::None),
+                            Some(_) => {
+                                heartbeat
+                                    .during(exactly_once::end(
+                                        &producer,
+                                        settled,
+                                        report,
+                                        rows.len(),
+                                        &unmarked,
+                                        &still_leader,
+                                    ))
+                                    .await
+                            }
+                        }
+                    }
+                };
                 Acknowledged {
                     settled,
                     report,
+                    transaction,
                     fatal: producer.fatal_error(),
                     lease: if lease.leads_with(epoch) {
                         LeaseState::Held

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::acks::{Deliverable, Settled};
 use crate::outbox::{OutboxError, ReadPast};
-use crate::publisher::{FatalError, PublishReport};
+use crate::publisher::{FatalError, PublishReport, TxnError};
 use crate::retry::Backoff;
 use crate::row::{Failure, OutboxRow};
 
@@ -145,8 +145,24 @@ pub(crate) struct Acknowledged {
     pub(crate) fatal: Option<FatalError>,
     /// The lease as the batch ended.
     pub(crate) lease: LeaseState,
+    /// Exactly once: how the batch's Kafka transaction ended.
+    pub(crate) transaction: Transaction,
     pub(crate) publish: Duration,
     pub(crate) started: Instant,
+}
+
+/// How a batch's Kafka transaction ended (exactly-once delivery).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Transaction {
+    /// At-least-once delivery: there is none.
+    None,
+    /// Committed: the acknowledged rows are published.
+    Committed,
+    /// Aborted: no row of the batch is published (the settled outcome says so already).
+    Aborted,
+    /// The producer can write no more (fenced, fatal, or a commit whose outcome is unknown):
+    /// this leadership ends; the next one finds out from the checkpoint topic what committed.
+    ProducerLost(TxnError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,9 +482,17 @@ impl Pipeline {
             report,
             fatal,
             lease,
+            transaction,
             publish,
             started,
         } = outcome;
+        if let Transaction::ProducerLost(_) = transaction {
+            // Only a new leadership, which fences and reads the checkpoint topic first, may
+            // publish again. A stop outranks it.
+            if self.leaving != Some(Leave::Stop) {
+                self.leaving = Some(Leave::StandBy);
+            }
+        }
         let clean = settled.deliverable.len() == n_rows
             && report.n_transient == 0
             && report.n_suspect == 0
@@ -646,6 +670,7 @@ mod tests {
             report,
             fatal: None,
             lease: LeaseState::Held,
+            transaction: Transaction::None,
             publish: Duration::from_millis(2),
             started: Instant::now(),
         }
@@ -671,6 +696,7 @@ mod tests {
             },
             fatal: None,
             lease: LeaseState::Held,
+            transaction: Transaction::None,
             publish: Duration::ZERO,
             started: Instant::now(),
         }

@@ -612,11 +612,34 @@ pub async fn read_topic_at(
     at_least: usize,
     timeout: Duration,
 ) -> Vec<Record> {
+    read_topic_isolated(brokers, topic, at_least, timeout, Isolation::ReadCommitted).await
+}
+
+/// A consumer's `isolation.level`: what it reads of Kafka transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Committed records only (librdkafka's default, and every reader's above).
+    ReadCommitted,
+    /// Every record written, aborted transactions' too.
+    ReadUncommitted,
+}
+
+/// [`read_topic_at`] with the given isolation level. The end is each partition's high
+/// watermark, reached by the consumer's position (which passes transaction markers).
+pub async fn read_topic_isolated(
+    brokers: &str,
+    topic: &str,
+    at_least: usize,
+    timeout: Duration,
+    isolation: Isolation,
+) -> Vec<Record> {
     let brokers = brokers.to_owned();
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_topic_blocking(&brokers, &topic, at_least, timeout))
-        .await
-        .expect("consumer thread")
+    tokio::task::spawn_blocking(move || {
+        read_topic_blocking(&brokers, &topic, at_least, timeout, isolation)
+    })
+    .await
+    .expect("consumer thread")
 }
 
 fn read_topic_blocking(
@@ -624,12 +647,20 @@ fn read_topic_blocking(
     topic: &str,
     at_least: usize,
     timeout: Duration,
+    isolation: Isolation,
 ) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("posthorn-it-reader"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        .set(
+            "isolation.level",
+            match isolation {
+                Isolation::ReadCommitted => "read_committed",
+                Isolation::ReadUncommitted => "read_uncommitted",
+            },
+        )
         .create()
         .expect("consumer");
     let deadline = Instant::now() + timeout;
@@ -661,7 +692,6 @@ fn read_topic_blocking(
     consumer.assign(&assignment).expect("assign");
 
     let mut records = Vec::new();
-    let mut positions: HashMap<i32, i64> = HashMap::new();
     let mut ends: Option<HashMap<i32, i64>> = None;
     loop {
         if records.len() >= at_least && ends.is_none() {
@@ -675,6 +705,15 @@ fn read_topic_blocking(
             ends = Some(e);
         }
         if let Some(ends) = &ends {
+            // The position, not the last record's offset: a transaction's commit marker takes
+            // an offset too, and no record is read at it.
+            let positions: HashMap<i32, i64> = consumer
+                .position()
+                .expect("positions")
+                .elements()
+                .iter()
+                .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(0).max(0)))
+                .collect();
             let done = ends
                 .iter()
                 .all(|(p, high)| positions.get(p).copied().unwrap_or(0) >= *high);
@@ -701,7 +740,6 @@ fn read_topic_blocking(
                 headers.insert(h.key.to_owned(), value);
             }
         }
-        positions.insert(message.partition(), message.offset() + 1);
         records.push(Record {
             partition: message.partition(),
             key: message
