@@ -12,7 +12,8 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
-use crate::config::{Config, ConfigError, LogConfig, LogFormat};
+use crate::checkpoint_record::CheckpointRecord;
+use crate::config::{Config, ConfigError, Delivery, LogConfig, LogFormat};
 use crate::events;
 use crate::lease::Lease;
 use crate::migrate;
@@ -250,6 +251,10 @@ async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
     .await
     .ok()
     .flatten();
+    let checkpoint = match config.delivery {
+        Delivery::AtLeastOnce => None,
+        Delivery::ExactlyOnce => Some(last_kafka_checkpoint(config, &outbox).await),
+    };
     outbox.pool().close().await;
     let status = status.map_err(|err| {
         let hint = if err.is_undefined_table() || err.is_undefined_column() {
@@ -269,6 +274,13 @@ async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             Some(h) => serde_json::json!({"owner": h.owner, "epoch": h.epoch, "live": h.live}),
             None => serde_json::Value::Null,
         };
+        if let Some(checkpoint) = &checkpoint {
+            json["checkpoint_topic"] = config.checkpoint_topic.clone().into();
+            match checkpoint {
+                Ok(record) => json["last_checkpoint"] = serde_json::json!(record),
+                Err(error) => json["last_checkpoint_error"] = error.clone().into(),
+            }
+        }
         println!("{json}");
     } else {
         let table = status_table(config, &status, args.top);
@@ -280,19 +292,70 @@ async fn run_status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             ),
             None => "none yet (no instance has run)".to_owned(),
         };
+        let mut leader = format!("  leader           {leader}\n");
+        if let Some(checkpoint) = &checkpoint {
+            leader.push_str(&format!(
+                "  last checkpoint  {} (topic {})\n",
+                match checkpoint {
+                    Ok(Some(record)) => describe_checkpoint(record),
+                    Ok(None) => "none yet (no transaction committed)".to_owned(),
+                    Err(error) => format!("unknown: {error}"),
+                },
+                config.checkpoint_topic
+            ));
+        }
         // The leader goes right under the heading line.
         match table.split_once("\n\n") {
-            Some((heading, rest)) => print!("{heading}\n\n  leader           {leader}\n{rest}"),
-            None => println!("{table}  leader           {leader}"),
+            Some((heading, rest)) => print!("{heading}\n\n{leader}{rest}"),
+            None => print!("{table}{leader}"),
         }
     }
     Ok(())
+}
+
+/// Exactly once: the checkpoint topic's last committed record for this outbox (read as a new
+/// leader reads it), or why it could not be read.
+async fn last_kafka_checkpoint(
+    config: &Config,
+    outbox: &Outbox,
+) -> Result<Option<CheckpointRecord>, String> {
+    let identity = outbox.identity().await.map_err(|err| err.to_string())?;
+    crate::publisher::last_checkpoint(&config.kafka, &config.checkpoint_topic, identity)
+        .await
+        .map_err(|err| err.to_string())
+}
+
+fn describe_checkpoint(record: &CheckpointRecord) -> String {
+    let ids = |ranges: &[(i64, i64)]| {
+        ranges
+            .iter()
+            .map(|(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut text = format!(
+        "transaction {} of epoch {}, published ids {}",
+        record.transaction,
+        record.epoch,
+        shorten(&ids(&record.published), 60)
+    );
+    if !record.set_aside.is_empty() {
+        text.push_str(&format!(", {} set aside", record.set_aside.len()));
+    }
+    text
 }
 
 fn status_json(config: &Config, status: &Status) -> serde_json::Value {
     serde_json::json!({
         "table": config.outbox.qualified(),
         "tracking": config.tracking.as_str(),
+        "delivery": config.delivery.as_str(),
         "pending": status.n_pending,
         "retrying": status.n_retrying,
         "oldest_pending": status.oldest_pending.as_ref().map(|o| serde_json::json!({
@@ -320,10 +383,11 @@ fn status_table(config: &Config, status: &Status, top: u16) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "outbox {} in {} (tracking: {})\n",
+        "outbox {} in {} (tracking: {}, delivery: {})\n",
         config.outbox.qualified(),
         config.database.redacted(),
-        config.tracking.as_str()
+        config.tracking.as_str(),
+        config.delivery.as_str()
     );
     let _ = writeln!(
         out,

@@ -1152,4 +1152,51 @@ mod tests {
         let c = Config::from_vars(vars(&[("POSTHORN_BATCHSIZE", "10")])).expect("valid");
         assert_eq!(c.unknown_vars, vec!["POSTHORN_BATCHSIZE".to_owned()]);
     }
+
+    #[test]
+    fn exactly_once_needs_checkpoint_tracking_and_derives_its_topic() {
+        let base = [
+            ("POSTHORN_DATABASE_URL", "postgres://u:p@db/app"),
+            ("POSTHORN_KAFKA_BROKERS", "k:9092"),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            Config::from_vars(
+                base.iter()
+                    .chain(extra)
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+        };
+        let c = with(&[]).expect("defaults");
+        assert_eq!(c.delivery, Delivery::AtLeastOnce);
+        assert_eq!(c.checkpoint_topic, "posthorn-checkpoint.public.outbox");
+        assert_eq!(c.transactional_id, None);
+        let err = with(&[("POSTHORN_DELIVERY", "exactly-once")]).expect_err("rows tracking");
+        assert!(
+            err.to_string().contains("POSTHORN_TRACKING=checkpoint"),
+            "{err}"
+        );
+        let c = with(&[
+            ("POSTHORN_DELIVERY", "exactly-once"),
+            ("POSTHORN_TRACKING", "checkpoint"),
+            ("POSTHORN_TABLE", "order_events"),
+            ("POSTHORN_TRANSACTIONAL_ID", "orders-relay"),
+        ])
+        .expect("exactly once");
+        assert_eq!(c.delivery, Delivery::ExactlyOnce);
+        assert_eq!(
+            c.checkpoint_topic,
+            "posthorn-checkpoint.public.order_events"
+        );
+        assert_eq!(c.transactional_id.as_deref(), Some("orders-relay"));
+        assert!(with(&[("POSTHORN_CHECKPOINT_TOPIC", "bad topic")]).is_err());
+        assert!(with(&[("POSTHORN_KAFKA_TRANSACTIONAL_ID", "x")]).is_err());
+        assert!(with(&[("POSTHORN_DELIVERY", "exactly-twice")]).is_err());
+        assert_eq!(
+            with(&[("POSTHORN_TEST_FAULT", "crash-after-commit:3")])
+                .expect("a fault point")
+                .test_fault,
+            Some(TestFault::CrashAfterCommit(3))
+        );
+        assert!(with(&[("POSTHORN_TEST_FAULT", "crash:3")]).is_err());
+    }
 }

@@ -926,6 +926,31 @@ mod tests {
     }
 
     #[test]
+    fn a_producer_lost_to_fencing_ends_the_leadership_after_the_batch_settles() {
+        let (mut p, work) = publishing(rows(1..=3));
+        let batch = work.publish.expect("batch");
+        // Exactly once: the commit was refused as fenced, so nothing of the batch counts.
+        let mut outcome = acknowledged(batch, |_| true);
+        outcome.settled.n_held += outcome.settled.deliverable.len();
+        outcome.settled.deliverable = Deliverable::default();
+        outcome.transaction = Transaction::ProducerLost(TxnError::Fenced(
+            "Local: This instance has been fenced".into(),
+        ));
+        let unclean = settle(p.acknowledged(outcome));
+        assert!(unclean.settled.deliverable.is_empty(), "nothing is marked");
+        let next = p.settled(SettleReport {
+            n_marked: 0,
+            n_retried: 0,
+            n_poisoned: 0,
+            n_transient: 0,
+        });
+        // Whether or not the lease lapsed: only a new leadership (which fences and reads the
+        // checkpoint topic first) publishes again.
+        assert!(matches!(next, Next::Leave(Leave::StandBy)), "{next:?}");
+        assert!(p.is_at_rest());
+    }
+
+    #[test]
     fn a_stop_mid_batch_waits_for_its_acknowledgements_and_marks_them_before_leaving() {
         let (mut p, work) = publishing(rows(1..=2));
         let batch = work.publish.expect("batch");

@@ -6,6 +6,7 @@ mod connections;
 mod contract;
 mod cross_client;
 mod delivery;
+mod exactly_once;
 mod faults;
 mod leader;
 mod manifests;

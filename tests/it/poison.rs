@@ -10,6 +10,34 @@ use crate::support::{
     RunningRelay, TestDb, Tracking, DELIVERED,
 };
 
+/// With exactly-once delivery (checkpoint tracking): a poison row found on the relay's side
+/// (an invalid topic name) and one Kafka refuses (a missing topic, which fails its record in
+/// the batch's transaction, so the transaction is aborted). Either way the dead-letter topic and
+/// the main topic hold each record once for a read_committed consumer.
+mod exactly_once {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_letter_an_invalid_topic_name() {
+        check_dead_letter_delivered(
+            Kind::InvalidTopicName,
+            Tracking::Checkpoint,
+            Delivery::ExactlyOnce,
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_letter_a_topic_that_does_not_exist() {
+        check_dead_letter_delivered(
+            Kind::TopicMissing,
+            Tracking::Checkpoint,
+            Delivery::ExactlyOnce,
+        )
+        .await
+    }
+}
+
 // Each of these runs twice, as rows_mode::<name> and checkpoint_mode::<name>.
 in_both_modes! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,11 +104,33 @@ async fn row_state(db: &TestDb, id: i64) -> (bool, bool, Option<String>) {
 /// Rows A1, B1, A2 (poison), B2, A3, A4 in one transaction, then a sentinel C1 once the poison
 /// row is settled, so that everything the relay was going to publish has been published.
 async fn run(kind: Kind, policy: Policy, tracking: Tracking) -> Outcome {
+    run_delivered(kind, policy, tracking, Delivery::AtLeastOnce).await
+}
+
+/// How the relay under test delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    AtLeastOnce,
+    /// In Kafka transactions: a batch with a poison row is aborted, the poison row is
+    /// dead-lettered in a transaction of its own, the rest published again.
+    ExactlyOnce,
+}
+
+async fn run_delivered(
+    kind: Kind,
+    policy: Policy,
+    tracking: Tracking,
+    delivery: Delivery,
+) -> Outcome {
     let db = TestDb::create(&format!("poison_{:?}_{:?}", kind, policy).to_lowercase()).await;
     let topic = unique("it-poison");
     create_topic(&topic, 1).await;
     let dlq = format!("{topic}.dlq");
     let mut vars: Vec<(&str, String)> = vec![("POSTHORN_BATCH_SIZE", "100".into())];
+    if delivery == Delivery::ExactlyOnce {
+        vars.push(("POSTHORN_DELIVERY", "exactly-once".into()));
+        vars.push(("POSTHORN_CHECKPOINT_TOPIC", format!("{topic}.checkpoint")));
+    }
     match policy {
         Policy::DeadLetter => {
             create_topic(&dlq, 1).await;
@@ -203,7 +253,11 @@ fn per_key(records: &[Record]) -> BTreeMap<String, Vec<String>> {
 }
 
 async fn check_dead_letter(kind: Kind, tracking: Tracking) {
-    let out = run(kind, Policy::DeadLetter, tracking).await;
+    check_dead_letter_delivered(kind, tracking, Delivery::AtLeastOnce).await
+}
+
+async fn check_dead_letter_delivered(kind: Kind, tracking: Tracking, delivery: Delivery) {
+    let out = run_delivered(kind, Policy::DeadLetter, tracking, delivery).await;
     let keys = per_key(&out.main);
     assert_eq!(
         keys["A"],
