@@ -344,6 +344,21 @@ impl TransactionAborted<'_> {
     }
 }
 
+/// Exactly once: a commit failed in a way that leaves its outcome unknown (a fatal error, or
+/// retries used up); the next leadership learns it from the checkpoint topic.
+pub struct TransactionOutcomeUnknown<'a> {
+    pub error: &'a str,
+}
+impl TransactionOutcomeUnknown<'_> {
+    pub fn emit(self) {
+        warn!(
+            error = self.error,
+            "A Kafka commit failed and may or may not have committed; leading afresh, the checkpoint topic will tell."
+        );
+        METRICS.transactions.with_label_values(&["unknown"]).inc();
+    }
+}
+
 /// Exactly once: a newer producer with this outbox's transactional.id fenced ours.
 pub struct ProducerFenced<'a> {
     pub transactional_id: &'a str,

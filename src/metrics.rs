@@ -45,7 +45,7 @@ pub struct Metrics {
     pub dependency_errors: IntCounterVec,
     pub leader: IntGauge,
     pub retention_deleted: IntCounter,
-    /// Exactly once: Kafka transactions, by outcome: `committed`, `aborted`.
+    /// Exactly once: Kafka transactions, by outcome: `committed`, `aborted`, `unknown`.
     pub transactions: IntCounterVec,
     /// Exactly once: times this instance's producer found itself fenced by a newer one.
     pub producer_fenced: IntCounter,
@@ -55,7 +55,7 @@ pub struct Metrics {
 /// Failure kinds, pre-set to 0 so that a rate() over them exists before the first failure.
 pub const FAILURE_KINDS: [&str; 3] = ["transient", "suspect", "poison"];
 /// Transaction outcomes, pre-set to 0.
-pub const TRANSACTION_OUTCOMES: [&str; 2] = ["committed", "aborted"];
+pub const TRANSACTION_OUTCOMES: [&str; 3] = ["committed", "aborted", "unknown"];
 /// Services posthorn reconnects to.
 pub const SERVICES: [&str; 2] = ["postgres", "kafka"];
 
@@ -180,7 +180,7 @@ impl Metrics {
             transactions: IntCounterVec::new(
                 Opts::new(
                     "posthorn_kafka_transactions_total",
-                    "Exactly once: Kafka transactions by outcome: committed (their rows are published), aborted (published again later).",
+                    "Exactly once: Kafka transactions by outcome: committed (their rows are published), aborted (published again later), unknown (a failed commit; the next leadership reads the outcome from the checkpoint topic).",
                 ),
                 &["outcome"],
             )

@@ -77,13 +77,20 @@ pub(super) async fn end(
             }
             Err(err @ TxnError::Abortable(_)) => Some(err),
             Err(lost) => {
-                // Committed or not, only the checkpoint topic can tell: lead afresh.
                 void(&mut settled);
-                events::TransactionAborted {
-                    reason: &lost.to_string(),
-                    producer_lost: true,
+                match &lost {
+                    // The next leader's init aborted it.
+                    TxnError::Fenced(reason) => events::TransactionAborted {
+                        reason,
+                        producer_lost: true,
+                    }
+                    .emit(),
+                    // Committed or not, only the checkpoint topic can tell: lead afresh.
+                    other => events::TransactionOutcomeUnknown {
+                        error: &other.to_string(),
+                    }
+                    .emit(),
                 }
-                .emit();
                 return (settled, report, Transaction::ProducerLost(lost));
             }
         }
@@ -127,8 +134,7 @@ fn void(settled: &mut Settled) {
 
 /// Starts a leadership with exactly-once delivery: fences older producers, reads the
 /// checkpoint topic and records in Postgres what its last committed transaction published, so
-/// that no row it names is read again. Retries with `backoff` until it succeeds or `give_up`
-/// says to stop trying (a stop signal, a lost lease).
+/// that no row it names is read again. (The caller retries it with a backoff.)
 pub(super) async fn begin_leading(
     producer: &mut ProducerSlot,
     outbox: &Outbox,

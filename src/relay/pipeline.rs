@@ -936,7 +936,9 @@ mod tests {
         outcome.transaction = Transaction::ProducerLost(TxnError::Fenced(
             "Local: This instance has been fenced".into(),
         ));
-        let unclean = settle(p.acknowledged(outcome));
+        // The round ends once the read-ahead returns; the read-ahead is dropped.
+        assert!(matches!(p.acknowledged(outcome), Next::Wait));
+        let unclean = settle(p.read(read_done(rows(4..=6))));
         assert!(unclean.settled.deliverable.is_empty(), "nothing is marked");
         let next = p.settled(SettleReport {
             n_marked: 0,
