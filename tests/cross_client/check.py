@@ -18,6 +18,8 @@ Environment:
   CHECK_AGGREGATES     aggregates (default 40)
   CHECK_DEADLINE_S     deadline for consuming and for every row to be marked (default 120)
   CHECK_SEED           random seed (default: random; printed)
+  CHECK_ISOLATION      the consumer's isolation level: read_uncommitted (default) or
+                       read_committed (for a relay with POSTHORN_DELIVERY=exactly-once)
 
 Prints one line per check, then `cross-client: N passed, M failed`; exits 1 if any failed.
 """
@@ -77,6 +79,7 @@ class Config:
         self.aggregates = int(env.get("CHECK_AGGREGATES", "40"))
         self.deadline_s = float(env.get("CHECK_DEADLINE_S", "120"))
         self.seed = int(env["CHECK_SEED"]) if env.get("CHECK_SEED") else random.randrange(2**32)
+        self.isolation = env.get("CHECK_ISOLATION", "read_uncommitted")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +158,7 @@ def consume(cfg, expected_ns, deadline):
         group_id=None,  # manual assignment, nothing committed anywhere
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level=cfg.isolation,
     )
     notes = []
     try:

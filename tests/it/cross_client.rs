@@ -70,13 +70,33 @@ in_both_modes! {
 }
 
 async fn python_writers_and_a_pure_python_consumer_see_the_contract(tracking: Tracking) {
+    check_with(tracking, &[], "read_uncommitted").await
+}
+
+/// Exactly-once delivery read by a consumer posthorn did not write: kafka-python, with
+/// `isolation_level=read_committed`, reads past the transaction markers and sees every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_read_by_a_pure_python_read_committed_consumer() {
+    let checkpoint_topic = unique("it-cross-client-checkpoint");
+    check_with(
+        Tracking::Checkpoint,
+        &[
+            ("POSTHORN_DELIVERY", "exactly-once"),
+            ("POSTHORN_CHECKPOINT_TOPIC", &checkpoint_topic),
+        ],
+        "read_committed",
+    )
+    .await
+}
+
+async fn check_with(tracking: Tracking, relay_vars: &[(&str, &str)], isolation: &str) {
     let db = TestDb::create("cross_client").await;
     let topic = unique("it-cross-client");
     create_topic(&topic, 3).await;
     install_python_deps();
 
     let log = out_path("relay.log");
-    let mut relay = RelayProcess::spawn(&tracking.env_vars(&db.url, &[]), &log);
+    let mut relay = RelayProcess::spawn(&tracking.env_vars(&db.url, relay_vars), &log);
     let brokers = services().brokers.clone();
     let (status, stdout, stderr) = run_check(
         &[
@@ -84,6 +104,7 @@ async fn python_writers_and_a_pure_python_consumer_see_the_contract(tracking: Tr
             ("CHECK_KAFKA_BROKERS", &brokers),
             ("CHECK_TOPIC", &topic),
             ("CHECK_N", "2000"),
+            ("CHECK_ISOLATION", isolation),
         ],
         CHECK_TIMEOUT,
     )
