@@ -81,7 +81,7 @@ async fn a_read_committed_consumer_sees_every_row_once_in_order_while_writers_ru
     let keys: Vec<String> = (0..N_KEYS).map(|k| format!("k{k}")).collect();
     create_aggregates(&db.pool, &keys).await;
     let vars = exactly_once_vars(&db, &[("POSTHORN_BATCH_SIZE", "250")]);
-    let config = posthorn::config::Config::from_vars(vars).expect("valid configuration");
+    let config = posthorn::config::Config::from_vars(vars.clone()).expect("valid configuration");
     let relay = RunningRelay::start(config);
     spawn_writers(&db.pool, &topic, &keys, N_EVENTS, 4)
         .await
@@ -90,6 +90,19 @@ async fn a_read_committed_consumer_sees_every_row_once_in_order_while_writers_ru
         .await;
     let stats = relay.stop().await;
     assert_eq!(stats.n_published, N_EVENTS as u64, "each row recorded once");
+
+    // `status` says how the outbox is delivered and what the last transaction committed.
+    let (code, stdout, stderr) = run_posthorn(&["status", "--json"], &vars);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
+    assert_eq!(status["delivery"], "exactly-once", "{status}");
+    assert_eq!(status["pending"], 0, "{status}");
+    let last = &status["last_checkpoint"];
+    assert!(last["transaction"].as_u64().unwrap_or(0) >= 1, "{status}");
+    assert!(
+        last["published"].as_array().is_some_and(|r| !r.is_empty()),
+        "it names the rows it published: {status}"
+    );
 
     let (committed, everything) = read_both(&topic, N_EVENTS).await;
     let repeats = repeats_with_every_version_in_order(&committed, N_KEYS, N_EVENTS / N_KEYS);
