@@ -416,6 +416,22 @@ impl CheckpointRecovered {
     }
 }
 
+/// Exactly once: the checkpoint topic's last record was committed by a newer epoch than this
+/// leader's (the lease table was reset, e.g. by a restore).
+pub struct CheckpointFromNewerEpoch {
+    pub found: i64,
+    pub epoch: i64,
+}
+impl CheckpointFromNewerEpoch {
+    pub fn emit(self) {
+        warn!(
+            found = self.found,
+            epoch = self.epoch,
+            "The last checkpoint record was committed with a newer lease epoch than this leader's (was the lease table reset?); its producer is fenced, so it is recorded as final."
+        );
+    }
+}
+
 pub struct CheckpointTopicCreated<'a> {
     pub topic: &'a str,
 }

@@ -52,11 +52,6 @@ pub(crate) enum LeadError {
     Publisher(#[from] PublisherError),
     #[error("Kafka transactions: {0}")]
     Txn(#[from] TxnError),
-    #[error(
-        "the checkpoint topic's last record is from epoch {found}, newer than this leader's \
-         {epoch}: another instance leads"
-    )]
-    Superseded { found: i64, epoch: i64 },
 }
 
 impl ProducerSlot {
@@ -176,10 +171,13 @@ impl ProducerSlot {
         let last = last_checkpoint(&self.kafka, &topic, outbox_id).await?;
         if let Some(record) = &last {
             if record.epoch > epoch {
-                return Err(LeadError::Superseded {
+                // The lease table was reset (a restore), or an instance with a newer epoch
+                // led: the init above fenced it either way, so its record is final.
+                events::CheckpointFromNewerEpoch {
                     found: record.epoch,
                     epoch,
-                });
+                }
+                .emit();
             }
         }
         Ok(last)
