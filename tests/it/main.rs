@@ -19,4 +19,5 @@ mod role;
 mod support;
 mod switch;
 mod transactions;
+mod txn_faults;
 mod writer;
