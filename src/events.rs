@@ -373,7 +373,7 @@ impl ProducerFenced<'_> {
             error!(
                 transactional_id = self.transactional_id,
                 error = self.error,
-                "Fenced by another producer with this transactional.id while holding the lease:                  another relay uses the same POSTHORN_TRANSACTIONAL_ID. Standing by."
+                "Fenced by another producer with this transactional.id while holding the lease: another relay uses the same POSTHORN_TRANSACTIONAL_ID. Standing by."
             );
         } else {
             warn!(

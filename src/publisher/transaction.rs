@@ -295,9 +295,26 @@ pub(crate) async fn ensure_checkpoint_topic(
     kafka: &KafkaConfig,
     topic: &str,
 ) -> Result<(), TxnError> {
-    let admin: AdminClient<KafkaClient> = side_client_config(kafka, "posthorn-admin")
-        .create_with_context(KafkaClient::Probe)
-        .map_err(|err| TxnError::Fatal(err.to_string()))?;
+    let mut config = side_client_config(kafka, "posthorn-admin");
+    // A metadata request must never create it with the broker's defaults (not compacted).
+    config.set("allow.auto.create.topics", "false");
+    let admin: Arc<AdminClient<KafkaClient>> = Arc::new(
+        config
+            .create_with_context(KafkaClient::Probe)
+            .map_err(|err| TxnError::Fatal(err.to_string()))?,
+    );
+    // There already (created by an operator, or by an earlier leader): nothing to ask for, and
+    // no need to be allowed to create topics.
+    let exists = {
+        let admin = admin.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || topic_exists(admin.inner(), &topic))
+            .await
+            .unwrap_or(false)
+    };
+    if exists {
+        return Ok(());
+    }
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
         .set("cleanup.policy", "compact")
         // Compact within minutes rather than the default week, so the next leader's read of the
@@ -315,7 +332,7 @@ pub(crate) async fn ensure_checkpoint_topic(
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
                 // Perhaps not allowed to create topics: fine if it is there.
-                let exists = topic_exists(&admin, topic);
+                let exists = topic_exists(admin.inner(), topic);
                 if !exists {
                     return Err(TxnError::Retriable(format!(
                         "the checkpoint topic {topic} does not exist and creating it failed: \
@@ -329,9 +346,8 @@ pub(crate) async fn ensure_checkpoint_topic(
     Ok(())
 }
 
-fn topic_exists(admin: &AdminClient<KafkaClient>, topic: &str) -> bool {
-    admin
-        .inner()
+fn topic_exists(client: &rdkafka::client::Client<KafkaClient>, topic: &str) -> bool {
+    client
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map(|m| {
             m.topics()
