@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use posthorn::config::Delivery;
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -76,7 +77,7 @@ struct Args {
     tracking: Option<Tracking>,
     /// POSTHORN_DELIVERY for the relay. With exactly-once the soak also fails on any duplicate
     /// its read_committed consumer sees.
-    #[arg(long, value_enum, default_value_t = Delivery::AtLeastOnce)]
+    #[arg(long, default_value = "at-least-once")]
     delivery: Delivery,
     /// POSTHORN_LOG for the relay; its log goes to target/soak-<run>.log.
     #[arg(long, default_value = "warn")]
@@ -102,21 +103,6 @@ impl Tracking {
 enum KillClock {
     Published,
     Start,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Delivery {
-    AtLeastOnce,
-    ExactlyOnce,
-}
-
-impl Delivery {
-    fn as_str(self) -> &'static str {
-        match self {
-            Delivery::AtLeastOnce => "at-least-once",
-            Delivery::ExactlyOnce => "exactly-once",
-        }
-    }
 }
 
 /// A relay process: killed (SIGKILL) and reaped when dropped, so that an error anywhere in

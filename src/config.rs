@@ -782,18 +782,27 @@ pub enum Delivery {
     ExactlyOnce,
 }
 
+impl std::str::FromStr for Delivery {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Delivery, String> {
+        match value.trim() {
+            "at-least-once" => Ok(Delivery::AtLeastOnce),
+            "exactly-once" => Ok(Delivery::ExactlyOnce),
+            other => Err(format!(
+                "'{other}' is neither 'at-least-once' nor 'exactly-once'"
+            )),
+        }
+    }
+}
+
 impl Delivery {
     fn parse(value: Option<&str>, tracking: Tracking) -> Result<Delivery, ConfigError> {
-        let delivery = match value.map(str::trim) {
-            None | Some("at-least-once") => Delivery::AtLeastOnce,
-            Some("exactly-once") => Delivery::ExactlyOnce,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    "POSTHORN_DELIVERY",
-                    format!("'{other}' is neither 'at-least-once' nor 'exactly-once'"),
-                    "exactly-once",
-                ))
-            }
+        let delivery = match value {
+            None => Delivery::AtLeastOnce,
+            Some(value) => value.parse().map_err(|problem: String| {
+                ConfigError::invalid("POSTHORN_DELIVERY", problem, "exactly-once")
+            })?,
         };
         if delivery == Delivery::ExactlyOnce && tracking != Tracking::Checkpoint {
             return Err(ConfigError::invalid(
