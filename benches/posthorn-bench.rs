@@ -1,31 +1,69 @@
 //! posthorn-bench: throughput, latency and footprint of the real relay, side by side with the
-//! physical limit measured in the same run, for each tracking mode (`POSTHORN_TRACKING=rows`
-//! and `checkpoint`). Uses the same services as the tests (POSTHORN_TEST_DATABASE_URL,
-//! POSTHORN_TEST_KAFKA_BROKERS); run it with `bash scripts/bench.sh`.
+//! physical limit measured in the same run, for each mode of the relay: a tracking mode
+//! (`POSTHORN_TRACKING=rows` or `checkpoint`) and a delivery mode (`POSTHORN_DELIVERY=
+//! at-least-once` or `exactly-once`). Uses the same services as the tests
+//! (POSTHORN_TEST_DATABASE_URL, POSTHORN_TEST_KAFKA_BROKERS); run it with `bash scripts/bench.sh`.
 //!
-//! Every scenario runs `--runs` times for each mode of `--tracking`, the modes' runs interleaved
-//! (run 1 in the order given, run 2 reversed, ...); medians and min–max are printed. Backlogs are
-//! written as a service writes them: 100-row transactions from 4 writers.
+//! Modes: every pair of `--tracking` (default `rows,checkpoint`) and `--delivery` (default
+//! `at-least-once`) but rows/exactly-once, which the relay refuses (exactly-once needs
+//! checkpoint tracking): `--tracking checkpoint --delivery at-least-once,exactly-once` measures
+//! checkpoint/at-least-once beside checkpoint/exactly-once, the comparison that isolates what
+//! exactly-once costs. Tables label the relay's figures `[<tracking>/<delivery>]`; the figures of
+//! the Postgres-only scenarios (wal, the Postgres limits, plan) do not depend on delivery and
+//! run once per tracking mode, labelled `[<tracking>]`, with an at-least-once relay where one
+//! runs. In exactly-once runs each relay gets its own checkpoint topic
+//! (`POSTHORN_CHECKPOINT_TOPIC=<the run's topic>-checkpoint`, deleted with the run's topic: the
+//! default, `posthorn-checkpoint.public.outbox`, would be shared by every run's database), and
+//! the bench reads the relay's `posthorn_kafka_transactions_total` from its `/metrics` (on
+//! `POSTHORN_HTTP_ADDR=127.0.0.1:<a free port>`, unless `--relay-env` sets it) before it stops
+//! it: committed and aborted transactions, rows per transaction. An exactly-once run whose
+//! relay committed no transaction is an error (a build without the mode ignores the variable).
+//! Every consumer of the bench (the drain's tail, the steady scenario's) reads with
+//! `isolation.level=read_committed` in every mode (librdkafka's default, now set explicitly): in
+//! exactly-once it sees a record only once its transaction commits, in at-least-once (no
+//! transactions) it sees what it saw before, so the modes' latencies are measured alike.
+//!
+//! Every scenario runs `--runs` times for each mode, the modes' runs interleaved (run 1 in the
+//! order given, run 2 reversed, ...); medians and min–max are printed. Backlogs are written as a
+//! service writes them: 100-row transactions from 4 writers.
 //! 1. wal: WAL the relay adds per row, from `pg_current_wal_lsn()` deltas. Steady state: writers
 //!    insert 100-row transactions at `--wal-rate` while the relay runs, minus the same writes
 //!    with no relay. After a `CHECKPOINT`: a backlog drained right after one (full-page images).
 //!    Postgres is shared, so other sessions' WAL is in every delta: the scenario also measures
 //!    the cluster's WAL while the bench idles, and (with pg_walinspect) the WAL records of the
 //!    bench's own database alone. Dead tuples the relay leaves (`n_dead_tup`, autovacuum off for
-//!    the outbox) and what a VACUUM afterwards writes.
+//!    the outbox) and what a VACUUM afterwards writes. Per tracking mode, at-least-once.
 //! 2. drain: N rows written while the relay is stopped, then the relay (the release binary)
 //!    started; time until every row is published and recorded (marked, or covered by the
-//!    checkpoint). Without a consumer, and with one tailing the topic as production has.
+//!    checkpoint; in exactly-once the checkpoint advances only after the Kafka transaction
+//!    committed, so then every row is also visible to a read_committed consumer). Without a
+//!    consumer, and with one tailing the topic as production has. Bounded by the smaller of the
+//!    limits (5.) of its mode: Postgres read+record of its tracking mode, and Kafka produce for
+//!    at-least-once or Kafka transactions for exactly-once (a producer has one transaction open
+//!    at a time, so each batch also waits for its commit: AddPartitionsToTxn, EndTxn and a
+//!    marker in every partition it wrote).
 //! 3. steady: writers insert at a fixed rate in one-row transactions; a consumer compares each
-//!    record's arrival with the writer's commit time.
+//!    record's arrival with the writer's commit time. Bounded below by the relay's wake-up
+//!    (NOTIFY, or the poll interval), its read, the produce round trip (acks=all) and the
+//!    consumer's fetch (`fetch.wait.max.ms=5`); in exactly-once also by the transaction's commit
+//!    (a record is not visible before it, and the last stable offset a read_committed consumer
+//!    reads up to waits for it), for every row of the batch, the first one included.
 //! 4. footprint: relay CPU seconds per 100k rows and peak RSS (from the drain runs), idle CPU
-//!    over `--idle-secs` with an empty outbox.
+//!    over `--idle-secs` with an empty outbox. Per mode.
 //! 5. limits: the relay's Postgres statements with no Kafka (read + record, and for checkpoint
-//!    mode the window reads alone), and a bare rdkafka producer sending the same records with no
-//!    Postgres; the relay's drain rate as a fraction of the smaller.
+//!    mode the window reads alone), per tracking mode; a bare rdkafka producer sending the same
+//!    records with no Postgres; with an exactly-once mode, also a bare transactional producer
+//!    (the relay's transactional settings) doing what an exactly-once relay does to Kafka: a
+//!    transaction per `--batch-size` records plus a checkpoint record in a compacted topic,
+//!    every delivery report awaited before the commit (as the relay has them: rust-rdkafka's
+//!    `commit_transaction` flushes first, and that flush, with records still in flight and
+//!    another thread serving the producer's events, waits in 100 ms polls), the transactions
+//!    one after the other. The relay's drain rate as a fraction of the smaller limit of its
+//!    mode.
 //! 6. plan: EXPLAIN ANALYZE of the relay's own window statements (a page in the middle of a big
 //!    window, and the empty window after it), before and after ANALYZE. Once, not per run.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,7 +82,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::AssertSqlSafe;
@@ -65,6 +103,10 @@ struct Args {
     /// Tracking modes measured side by side (POSTHORN_TRACKING), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "rows,checkpoint", value_parser = parse_tracking)]
     tracking: Vec<Tracking>,
+    /// Delivery modes measured side by side (POSTHORN_DELIVERY), comma-separated; with every
+    /// tracking mode of `--tracking` but rows for exactly-once (which needs checkpoint).
+    #[arg(long, value_delimiter = ',', default_value = "at-least-once", value_parser = parse_delivery)]
+    delivery: Vec<Delivery>,
     /// Steady-state rates in rows/s; 0 means "as fast as the writers go".
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,0")]
     rates: Vec<u64>,
@@ -93,7 +135,8 @@ struct Args {
     #[arg(long, default_value = "1000")]
     batch_size: String,
     /// Extra environment for the relay, e.g. `--relay-env POSTHORN_KAFKA_LINGER_MS=10`
-    /// (repeatable). POSTHORN_TRACKING is set by `--tracking`.
+    /// (repeatable). POSTHORN_TRACKING and POSTHORN_DELIVERY are set by `--tracking` and
+    /// `--delivery`.
     #[arg(long = "relay-env")]
     relay_env: Vec<String>,
     /// The relay binary to measure (default: the one this build made), e.g. an older build for a
@@ -113,20 +156,103 @@ fn parse_tracking(value: &str) -> Result<Tracking, String> {
     }
 }
 
+fn parse_delivery(value: &str) -> Result<Delivery, String> {
+    match value.trim() {
+        "at-least-once" => Ok(Delivery::AtLeastOnce),
+        "exactly-once" => Ok(Delivery::ExactlyOnce),
+        other => Err(format!(
+            "'{other}' is neither 'at-least-once' nor 'exactly-once'"
+        )),
+    }
+}
+
+/// `POSTHORN_DELIVERY` (the bench's own copy, so that it also drives builds from before the
+/// mode, e.g. with `--posthorn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+impl Delivery {
+    fn as_str(self) -> &'static str {
+        match self {
+            Delivery::AtLeastOnce => "at-least-once",
+            Delivery::ExactlyOnce => "exactly-once",
+        }
+    }
+}
+
+/// What the relay runs as: its tracking mode and its delivery mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mode {
+    tracking: Tracking,
+    delivery: Delivery,
+}
+
+impl Mode {
+    /// For what does not depend on delivery (and for `posthorn migrate`).
+    fn at_least_once(tracking: Tracking) -> Mode {
+        Mode {
+            tracking,
+            delivery: Delivery::AtLeastOnce,
+        }
+    }
+
+    fn exactly_once(self) -> bool {
+        self.delivery == Delivery::ExactlyOnce
+    }
+
+    /// `<tracking>/<delivery>`, as the tables label the relay's figures.
+    fn label(self) -> String {
+        format!("{}/{}", self.tracking.as_str(), self.delivery.as_str())
+    }
+}
+
 impl Args {
     fn wants(&self, scenario: &str) -> bool {
         self.scenarios.iter().any(|s| s == "all" || s == scenario)
     }
 
-    /// The modes in the order run `run` (from 1) measures them: as given, then reversed, so
-    /// that neither mode always goes first.
-    fn modes(&self, run: usize) -> Vec<Tracking> {
-        let mut modes = self.tracking.clone();
-        if run % 2 == 0 {
-            modes.reverse();
+    /// Every mode measured, in the order given: tracking-major, rows/exactly-once left out.
+    fn all_modes(&self) -> Vec<Mode> {
+        let mut modes = Vec::new();
+        for &tracking in &self.tracking {
+            for &delivery in &self.delivery {
+                let mode = Mode { tracking, delivery };
+                let refused = tracking == Tracking::Rows && delivery == Delivery::ExactlyOnce;
+                if !refused && !modes.contains(&mode) {
+                    modes.push(mode);
+                }
+            }
         }
         modes
     }
+
+    /// The modes in the order run `run` (from 1) measures them: as given, then reversed, so
+    /// that neither mode always goes first.
+    fn modes(&self, run: usize) -> Vec<Mode> {
+        interleaved(self.all_modes(), run)
+    }
+
+    /// The tracking modes alone, for the scenarios that do not depend on delivery, in the
+    /// order run `run` measures them.
+    fn tracking_modes(&self, run: usize) -> Vec<Tracking> {
+        let mut trackings = Vec::new();
+        for t in &self.tracking {
+            if !trackings.contains(t) {
+                trackings.push(*t);
+            }
+        }
+        interleaved(trackings, run)
+    }
+}
+
+fn interleaved<T>(mut modes: Vec<T>, run: usize) -> Vec<T> {
+    if run % 2 == 0 {
+        modes.reverse();
+    }
+    modes
 }
 
 const PAD: usize = 260; // with the other fields, a ~300-byte JSON payload
@@ -166,17 +292,24 @@ impl Figures {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(!args.tracking.is_empty(), "--tracking names no mode");
+    anyhow::ensure!(!args.delivery.is_empty(), "--delivery names no mode");
+    for (var, option) in [
+        ("POSTHORN_TRACKING=", "--tracking"),
+        ("POSTHORN_DELIVERY=", "--delivery"),
+    ] {
+        anyhow::ensure!(
+            !args.relay_env.iter().any(|e| e.starts_with(var)),
+            "set the mode with {option}, not --relay-env"
+        );
+    }
     anyhow::ensure!(
-        !args
-            .relay_env
-            .iter()
-            .any(|e| e.starts_with("POSTHORN_TRACKING=")),
-        "set the tracking mode with --tracking, not --relay-env"
+        !args.all_modes().is_empty(),
+        "no mode to measure: exactly-once needs --tracking checkpoint"
     );
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let modes: Vec<&str> = args.tracking.iter().map(|m| m.as_str()).collect();
+    let modes: Vec<String> = args.all_modes().iter().map(|m| m.label()).collect();
     println!(
         "posthorn-bench: {cores} cores, {} rows x {} runs per mode ({}, interleaved), {} keys, \
          ~300-byte payloads, batch size {}",
@@ -186,6 +319,11 @@ async fn main() -> anyhow::Result<()> {
         args.keys,
         args.batch_size
     );
+    if args.tracking.contains(&Tracking::Rows) && args.delivery.contains(&Delivery::ExactlyOnce) {
+        println!(
+            "  (no rows/exactly-once: the relay refuses exactly-once without checkpoint tracking)"
+        );
+    }
     println!("  load average at start: {}", loadavg());
     let (ssl, own_tls) = postgres_tls(&args).await?;
     println!(
@@ -204,13 +342,11 @@ async fn main() -> anyhow::Result<()> {
         for run in 1..=args.runs {
             for mode in args.modes(run) {
                 for tail in [false, true] {
+                    let m = mode.label();
                     let check_tls = !tls_checked.contains(&mode);
                     let r = drain(&args, mode, tail, check_tls).await?;
                     if let Some(tls) = &r.tls {
-                        println!(
-                            "  drain [{}]: the relay's connections: {tls}",
-                            mode.as_str()
-                        );
+                        println!("  drain [{m}]: the relay's connections: {tls}");
                         tls_checked.push(mode);
                     }
                     let wall = args.rows as f64 / r.rows_per_sec;
@@ -225,17 +361,18 @@ async fn main() -> anyhow::Result<()> {
                     } else {
                         "no consumer"
                     };
+                    let transactions = r.transactions.describe(args.rows);
                     println!(
-                        "  drain run {run} [{}] {with}: {:.0} rows/s, {:.2} CPU s per 100k rows, peak RSS {:.1} MiB; \
-                         over {wall:.1} s wall on {cores} cores the CPU went to relay {:.1} s, postgres (this database's sessions) {:.1} s, broker {:.1} s{consumer}",
-                        mode.as_str(), r.rows_per_sec, r.cpu_secs_per_100k, r.peak_rss_mib, r.cpu_split.0, r.cpu_split.1, r.cpu_split.2
+                        "  drain run {run} [{m}] {with}: {:.0} rows/s, {:.2} CPU s per 100k rows, peak RSS {:.1} MiB; \
+                         over {wall:.1} s wall on {cores} cores the CPU went to relay {:.1} s, postgres (this database's sessions) {:.1} s, broker {:.1} s{consumer}{transactions}",
+                        r.rows_per_sec, r.cpu_secs_per_100k, r.peak_rss_mib, r.cpu_split.0, r.cpu_split.1, r.cpu_split.2
                     );
-                    let m = mode.as_str();
-                    let name = if tail {
-                        format!("backlog drain [{m}], consumer tailing (rows/s)")
+                    let with_name = if tail {
+                        "consumer tailing"
                     } else {
-                        format!("backlog drain [{m}], no consumer (rows/s)")
+                        "no consumer"
                     };
+                    let name = format!("backlog drain [{m}], {with_name} (rows/s)");
                     drain_rates.push(name.clone(), r.rows_per_sec, 0);
                     figures.push(name, r.rows_per_sec, 0);
                     if !tail {
@@ -245,6 +382,20 @@ async fn main() -> anyhow::Result<()> {
                             2,
                         );
                         figures.push(format!("relay peak RSS (MiB) [{m}]"), r.peak_rss_mib, 1);
+                    }
+                    if mode.exactly_once() {
+                        figures.push(
+                            format!(
+                                "drain [{m}], {with_name}: rows per committed Kafka transaction"
+                            ),
+                            r.transactions.rows_per_commit(args.rows),
+                            0,
+                        );
+                        figures.push(
+                            format!("drain [{m}], {with_name}: Kafka transactions aborted or of unknown outcome"),
+                            r.transactions.not_committed(),
+                            0,
+                        );
                     }
                 }
             }
@@ -259,8 +410,9 @@ async fn main() -> anyhow::Result<()> {
     if args.wants("limits") {
         let mut figures = Figures::default();
         let mut load = Vec::new();
+        let batch: usize = args.batch_size.parse()?;
         for run in 1..=args.runs {
-            for mode in args.modes(run) {
+            for mode in args.tracking_modes(run) {
                 let m = mode.as_str();
                 let p = postgres_limit(&args, mode).await?;
                 println!("  limits run {run} [{m}]: postgres read+record {p:.0} rows/s");
@@ -275,21 +427,48 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            let k = kafka_limit(&args).await?;
-            println!("  limits run {run}: kafka produce {k:.0} msgs/s");
-            figures.push("limit: kafka produce (msgs/s)".into(), k, 0);
+            // Kafka's limits, in the order of the run's modes (at-least-once's, then
+            // exactly-once's, or the reverse).
+            let mut deliveries: Vec<Delivery> = Vec::new();
+            for mode in args.modes(run) {
+                if !deliveries.contains(&mode.delivery) {
+                    deliveries.push(mode.delivery);
+                }
+            }
+            for delivery in deliveries {
+                match delivery {
+                    Delivery::AtLeastOnce => {
+                        let k = kafka_limit(&args).await?;
+                        println!("  limits run {run}: kafka produce {k:.0} msgs/s");
+                        figures.push(KAFKA_LIMIT.into(), k, 0);
+                    }
+                    Delivery::ExactlyOnce => {
+                        let k = kafka_transactions_limit(&args, batch).await?;
+                        println!(
+                            "  limits run {run}: kafka transactions of {batch} records + a checkpoint record {k:.0} msgs/s"
+                        );
+                        figures.push(kafka_transactions_limit_name(batch), k, 0);
+                    }
+                }
+            }
             load.push(load1());
         }
-        let kafka = median(&figures.get("limit: kafka produce (msgs/s)"));
         let mut ratios = Vec::new();
-        for mode in &args.tracking {
-            let m = mode.as_str();
+        for mode in args.all_modes() {
+            let m = mode.label();
             let drained = drain_rates.get(&format!("backlog drain [{m}], no consumer (rows/s)"));
-            let pg = figures.get(&format!("limit [{m}]: postgres read+record (rows/s)"));
+            let pg = figures.get(&format!(
+                "limit [{}]: postgres read+record (rows/s)",
+                mode.tracking.as_str()
+            ));
+            let kafka = match mode.delivery {
+                Delivery::AtLeastOnce => figures.get(KAFKA_LIMIT),
+                Delivery::ExactlyOnce => figures.get(&kafka_transactions_limit_name(batch)),
+            };
             if !drained.is_empty() {
                 ratios.push((
                     format!("drain (no consumer) / min(limits) [{m}]"),
-                    format!("{:.2}", median(&drained) / median(&pg).min(kafka)),
+                    format!("{:.2}", median(&drained) / median(&pg).min(median(&kafka))),
                 ));
             }
         }
@@ -302,7 +481,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.wants("steady") {
         for &rate in &args.rates {
-            let mut results: Vec<(Tracking, Steady)> = Vec::new();
+            let mut results: Vec<(Mode, Steady)> = Vec::new();
             let mut load = Vec::new();
             for run in 1..=args.runs {
                 for mode in args.modes(run) {
@@ -318,21 +497,22 @@ async fn main() -> anyhow::Result<()> {
                     } else {
                         "the outbox had no statistics"
                     };
+                    let transactions = r.transactions.describe(r.rows_sent);
                     println!(
-                        "  steady {} run {run} [{}]: wrote {:.0}/s, delivered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms ({db}); {stats}",
-                        rate_name(rate), mode.as_str(), r.write_rate, r.throughput, r.p50, r.p99, r.p999, r.max
+                        "  steady {} run {run} [{}]: wrote {:.0}/s, delivered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms ({db}); {stats}{transactions}",
+                        rate_name(rate), mode.label(), r.write_rate, r.throughput, r.p50, r.p99, r.p999, r.max
                     );
                     results.push((mode, r));
                 }
                 load.push(load1());
             }
             let name = rate_name(rate);
-            for mode in &args.tracking {
-                let m = mode.as_str();
+            for mode in args.all_modes() {
+                let m = mode.label();
                 let pick = |f: fn(&Steady) -> f64| {
                     results
                         .iter()
-                        .filter(|(r_mode, _)| r_mode == mode)
+                        .filter(|(r_mode, _)| *r_mode == mode)
                         .map(|(_, r)| f(r))
                         .collect::<Vec<_>>()
                 };
@@ -358,6 +538,18 @@ async fn main() -> anyhow::Result<()> {
                     format!("steady {name} [{m}]: p99 spread (ms)"),
                     summary(&pick(|r| r.p99), 1),
                 ));
+                if mode.exactly_once() {
+                    table.push((
+                        format!("steady {name} [{m}]: rows per committed Kafka transaction"),
+                        summary(&pick(|r| r.transactions.rows_per_commit(r.rows_sent)), 1),
+                    ));
+                    table.push((
+                        format!(
+                            "steady {name} [{m}]: Kafka transactions aborted or of unknown outcome"
+                        ),
+                        summary(&pick(|r| r.transactions.not_committed()), 0),
+                    ));
+                }
             }
             table.push((
                 format!("load average (1 min) after each steady {name} run"),
@@ -373,7 +565,7 @@ async fn main() -> anyhow::Result<()> {
                     format!(
                         "idle CPU over {} s (% of one core) [{}]",
                         args.idle_secs,
-                        mode.as_str()
+                        mode.label()
                     ),
                     idle_cpu(&args, mode).await?,
                     3,
@@ -486,6 +678,7 @@ const PENDING: &str = "o.delivered_at IS NULL AND o.failed_at IS NULL \
 /// A fresh database (migrated by the real binary) and topic for one run.
 struct Setup {
     admin: String,
+    brokers: String,
     name: String,
     url: String,
     pool: PgPool,
@@ -507,7 +700,7 @@ impl Setup {
         let mut url = url::Url::parse(&args.database_url)?;
         url.set_path(&format!("/{name}"));
         let url = url.to_string();
-        let status = posthorn_cmd(&url, args, "unused", Tracking::Rows)
+        let status = posthorn_cmd(&url, args, "unused", Mode::at_least_once(Tracking::Rows))
             .arg("migrate")
             .stdout(Stdio::null())
             .status()?;
@@ -522,6 +715,7 @@ impl Setup {
         create_topic(&args.brokers, &topic).await?;
         Ok(Setup {
             admin: args.database_url.clone(),
+            brokers: args.brokers.clone(),
             name,
             url,
             pool,
@@ -598,13 +792,12 @@ impl Setup {
         .execute(&admin)
         .await?;
         let admin_client: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set(
-                "bootstrap.servers",
-                std::env::var("POSTHORN_TEST_KAFKA_BROKERS").unwrap_or_default(),
-            )
+            .set("bootstrap.servers", &self.brokers)
             .create()?;
+        // The run's topic, and its exactly-once relay's checkpoint topic if it made one.
+        let checkpoint = checkpoint_topic(&self.topic);
         let _ = admin_client
-            .delete_topics(&[&self.topic], &AdminOptions::new())
+            .delete_topics(&[&self.topic, &checkpoint], &AdminOptions::new())
             .await;
         Ok(())
     }
@@ -654,8 +847,16 @@ async fn write_transactions(
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// The relay binary's command, with `POSTHORN_TRACKING=tracking`.
-fn posthorn_cmd(url: &str, args: &Args, topic: &str, tracking: Tracking) -> Command {
+/// The checkpoint topic of an exactly-once relay publishing to `topic`: one per run, deleted
+/// with it (the relay's default, `posthorn-checkpoint.public.outbox`, would be every run's).
+fn checkpoint_topic(topic: &str) -> String {
+    format!("{topic}-checkpoint")
+}
+
+/// The relay binary's command, with `POSTHORN_TRACKING` and (for exactly-once)
+/// `POSTHORN_DELIVERY` and `POSTHORN_CHECKPOINT_TOPIC` of `mode`. At-least-once sets no
+/// POSTHORN_DELIVERY (its default), so that builds from before it run as they did.
+fn posthorn_cmd(url: &str, args: &Args, topic: &str, mode: Mode) -> Command {
     let binary = args
         .posthorn
         .clone()
@@ -666,9 +867,13 @@ fn posthorn_cmd(url: &str, args: &Args, topic: &str, tracking: Tracking) -> Comm
         .env("POSTHORN_KAFKA_BROKERS", &args.brokers)
         .env("POSTHORN_TOPIC_TEMPLATE", topic)
         .env("POSTHORN_BATCH_SIZE", &args.batch_size)
-        .env("POSTHORN_TRACKING", tracking.as_str())
+        .env("POSTHORN_TRACKING", mode.tracking.as_str())
         .env("POSTHORN_LOG", "warn")
         .stdin(Stdio::null());
+    if mode.exactly_once() {
+        cmd.env("POSTHORN_DELIVERY", mode.delivery.as_str())
+            .env("POSTHORN_CHECKPOINT_TOPIC", checkpoint_topic(topic));
+    }
     for pair in &args.relay_env {
         if let Some((k, v)) = pair.split_once('=') {
             cmd.env(k, v);
@@ -709,6 +914,187 @@ fn stop(mut child: Child) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+/// `posthorn run` in one mode, serving `/metrics` on `http`.
+struct Relay {
+    child: Child,
+    http: SocketAddr,
+}
+
+impl Relay {
+    /// The relay of mode `mode` on `setup`'s database and topic, its HTTP endpoints on a free
+    /// loopback port (unless `--relay-env` sets POSTHORN_HTTP_ADDR).
+    fn start(setup: &Setup, args: &Args, mode: Mode) -> anyhow::Result<Relay> {
+        let mut cmd = posthorn_cmd(&setup.url, args, &setup.topic, mode);
+        let given = args
+            .relay_env
+            .iter()
+            .find_map(|e| e.strip_prefix("POSTHORN_HTTP_ADDR="));
+        let http = match given {
+            Some(addr) => {
+                let mut addr: SocketAddr = addr.trim().parse()?;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr {
+                        SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                addr
+            }
+            None => {
+                let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                cmd.env("POSTHORN_HTTP_ADDR", addr.to_string());
+                addr
+            }
+        };
+        let child = cmd.arg("run").spawn()?;
+        Ok(Relay { child, http })
+    }
+
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads the relay's Kafka transactions from `/metrics`, then stops it.
+    async fn finish(self) -> Transactions {
+        let transactions = self.transactions().await;
+        stop(self.child);
+        transactions
+    }
+
+    fn stop(self) {
+        stop(self.child);
+    }
+
+    /// `posthorn_kafka_transactions_total` by outcome, None if `/metrics` has no such series
+    /// (or could not be read: said on stdout).
+    async fn transactions(&self) -> Transactions {
+        let url = format!("http://{}/metrics", self.http);
+        let fetched = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .into();
+            Ok(agent.get(&url).call()?.body_mut().read_to_string()?)
+        })
+        .await;
+        let text = match fetched {
+            Ok(Ok(text)) => text,
+            Ok(Err(err)) => {
+                println!("  (the relay's /metrics on {}: {err:#})", self.http);
+                return Transactions(None);
+            }
+            Err(err) => {
+                println!("  (the relay's /metrics on {}: {err})", self.http);
+                return Transactions(None);
+            }
+        };
+        Transactions::parse(&text)
+    }
+}
+
+/// A relay's Kafka transactions when it stopped, from its `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TxnCounts {
+    /// `posthorn_kafka_transactions_total` by outcome.
+    committed: u64,
+    aborted: u64,
+    /// Failed commits whose outcome the next leadership reads from the checkpoint topic.
+    unknown: u64,
+    /// `posthorn_kafka_producer_fenced_total`: a newer producer of the same transactional.id.
+    fenced: u64,
+}
+
+/// None if the relay had no `posthorn_kafka_transactions_total` series (at-least-once, or a
+/// build without transactions).
+#[derive(Debug, Clone, Copy, Default)]
+struct Transactions(Option<TxnCounts>);
+
+impl Transactions {
+    fn parse(metrics: &str) -> Transactions {
+        let (mut found, mut counts) = (false, TxnCounts::default());
+        for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+            // `name{labels} value` or `name value`.
+            let Some(i) = line.find(['{', ' ']) else {
+                continue;
+            };
+            let (name, rest) = line.split_at(i);
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => match r.split_once('}') {
+                    Some(split) => split,
+                    None => continue,
+                },
+                None => ("", rest),
+            };
+            let Some(value) = value
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            let value = value as u64;
+            match name {
+                "posthorn_kafka_transactions_total" => {
+                    found = true;
+                    if labels.contains("outcome=\"committed\"") {
+                        counts.committed += value;
+                    } else if labels.contains("outcome=\"aborted\"") {
+                        counts.aborted += value;
+                    } else if labels.contains("outcome=\"unknown\"") {
+                        counts.unknown += value;
+                    }
+                }
+                "posthorn_kafka_producer_fenced_total" => counts.fenced += value,
+                _ => {}
+            }
+        }
+        Transactions(found.then_some(counts))
+    }
+
+    /// For a run's line: nothing if the relay had no transactions.
+    fn describe(&self, rows: u64) -> String {
+        match self.0 {
+            Some(c) if c != TxnCounts::default() => format!(
+                "; Kafka transactions: {} committed ({:.1} rows each), {} aborted, {} unknown; producer fenced {} times",
+                c.committed,
+                self.rows_per_commit(rows),
+                c.aborted,
+                c.unknown,
+                c.fenced
+            ),
+            _ => String::new(),
+        }
+    }
+
+    fn rows_per_commit(&self, rows: u64) -> f64 {
+        match self.0 {
+            Some(c) if c.committed > 0 => rows as f64 / c.committed as f64,
+            _ => f64::NAN,
+        }
+    }
+
+    /// Transactions that did not commit (aborted, or of unknown outcome).
+    fn not_committed(&self) -> f64 {
+        self.0.map_or(f64::NAN, |c| (c.aborted + c.unknown) as f64)
+    }
+
+    /// An exactly-once relay that published must have committed transactions: one that did not
+    /// is not measuring exactly-once (a build without the mode ignores POSTHORN_DELIVERY).
+    fn check(&self, mode: Mode) -> anyhow::Result<()> {
+        if mode.exactly_once() {
+            anyhow::ensure!(
+                matches!(self.0, Some(c) if c.committed > 0),
+                "the {} relay published with no committed Kafka transaction on its /metrics \
+                 (posthorn_kafka_transactions_total: {:?}): does this build know POSTHORN_DELIVERY?",
+                mode.label(),
+                self.0
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The broker's processes: the one `scripts/services.sh` started (its pid file) and its `java`
@@ -810,6 +1196,7 @@ impl Tail {
                 let c: BaseConsumer = ClientConfig::new()
                     .set("bootstrap.servers", &brokers)
                     .set("group.id", format!("posthorn-bench-tail-{topic}"))
+                    .set("isolation.level", "read_committed")
                     .create()?;
                 assign_from_beginning(&c, &topic)?;
                 let mut bytes = 0usize;
@@ -852,14 +1239,11 @@ struct Drain {
     consumed: Option<u64>,
     /// The relay's Postgres connections and whether they use TLS, if asked for.
     tls: Option<String>,
+    transactions: Transactions,
 }
 
-async fn drain(
-    args: &Args,
-    tracking: Tracking,
-    tail: bool,
-    check_tls: bool,
-) -> anyhow::Result<Drain> {
+async fn drain(args: &Args, mode: Mode, tail: bool, check_tls: bool) -> anyhow::Result<Drain> {
+    let tracking = mode.tracking;
     let setup = Setup::new(args, "drain").await?;
     setup.load(args.rows, args.keys).await?;
     let consumer = tail.then(|| Tail::start(&args.brokers, &setup.topic));
@@ -869,10 +1253,8 @@ async fn drain(
     let brokers = broker_pids();
     let (pg_before, broker_before) = (session_cpu(&setup.pool).await?, cpu_of_pids(&brokers));
     let started = Instant::now();
-    let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
-        .arg("run")
-        .spawn()?;
-    let pid = child.id();
+    let relay = Relay::start(&setup, args, mode)?;
+    let pid = relay.id();
     let mut last = (0.0, 0.0);
     while setup.pending(tracking).await? {
         last = cpu_and_rss(pid);
@@ -891,9 +1273,11 @@ async fn drain(
     } else {
         None
     };
-    stop(child);
+    let transactions = relay.finish().await;
     setup.drop().await?;
+    transactions.check(mode)?;
     Ok(Drain {
+        transactions,
         cpu_split: (
             cpu,
             session_cpu_since(&pg_before, &pg_after),
@@ -1037,17 +1421,26 @@ async fn create_topic(
     Ok(admin)
 }
 
-/// A bare idempotent producer with posthorn's settings sending the same records.
-async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
-    let topic = format!(
-        "posthorn-bench-kafkalimit-{:08x}",
-        rand::rng().random::<u32>()
-    );
-    let admin = create_topic(&args.brokers, &topic).await?;
-    // posthorn's own producer defaults, and the user's --relay-env POSTHORN_KAFKA_* overrides.
+const KAFKA_LIMIT: &str = "limit: kafka produce (msgs/s)";
+
+fn kafka_transactions_limit_name(batch: usize) -> String {
+    format!("limit: kafka transactions of {batch} records + a checkpoint record (msgs/s)")
+}
+
+/// The settings exactly-once's producer puts over posthorn's defaults (a copy of the relay's
+/// `publisher::transaction::TRANSACTIONAL`, which the crate does not export).
+const TRANSACTIONAL: &[(&str, &str)] = &[
+    ("transaction.timeout.ms", "60000"),
+    ("message.timeout.ms", "30000"),
+    ("enable.gapless.guarantee", "false"),
+];
+
+/// posthorn's own producer defaults, `extra` over them, and the user's --relay-env
+/// POSTHORN_KAFKA_* overrides.
+fn producer_config(args: &Args, extra: &[(&str, &str)]) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &args.brokers);
-    for (k, v) in posthorn::publisher::DEFAULTS {
+    for (k, v) in posthorn::publisher::DEFAULTS.iter().chain(extra) {
         config.set(*k, *v);
     }
     for pair in &args.relay_env {
@@ -1057,7 +1450,86 @@ async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
             }
         }
     }
-    let producer: FutureProducer = config.create()?;
+    config
+}
+
+/// The record the relay sends for the bench's row `seq`: key, JSON value and posthorn's
+/// headers.
+struct BenchRecord {
+    key: String,
+    value: String,
+    headers: OwnedHeaders,
+}
+
+fn bench_record(seq: u64, keys: u64, pad: &str) -> BenchRecord {
+    let event_id = uuid::Uuid::new_v4().to_string();
+    let outbox_id = seq.to_string();
+    let headers = OwnedHeaders::new_with_capacity(RESERVED_HEADERS.len())
+        .insert(Header {
+            key: header::EVENT_ID,
+            value: Some(&event_id),
+        })
+        .insert(Header {
+            key: header::EVENT_TYPE,
+            value: Some("BenchEvent"),
+        })
+        .insert(Header {
+            key: header::AGGREGATE_TYPE,
+            value: Some("bench"),
+        })
+        .insert(Header {
+            key: header::OUTBOX_ID,
+            value: Some(&outbox_id),
+        })
+        .insert(Header {
+            key: header::CONTENT_TYPE,
+            value: Some("application/json"),
+        });
+    BenchRecord {
+        key: format!("key-{}", seq % keys),
+        value: format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}"),
+        headers,
+    }
+}
+
+type Delivered = rdkafka::producer::DeliveryFuture;
+
+/// Hands `record` to the producer; while librdkafka's queue is full, waits for the oldest
+/// delivery report of `pending`.
+async fn send_waiting(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, String, String>,
+    pending: &mut std::collections::VecDeque<Delivered>,
+) -> anyhow::Result<()> {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => {
+                pending.push_back(f);
+                return Ok(());
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                match pending.pop_front() {
+                    Some(f) => {
+                        f.await?
+                            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+            Err((e, _)) => anyhow::bail!("produce: {e}"),
+        }
+    }
+}
+
+/// A bare idempotent producer with posthorn's settings sending the same records.
+async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
+    let topic = format!(
+        "posthorn-bench-kafkalimit-{:08x}",
+        rand::rng().random::<u32>()
+    );
+    let admin = create_topic(&args.brokers, &topic).await?;
+    let producer: FutureProducer = producer_config(args, &[]).create()?;
     let pad = "x".repeat(PAD);
     let started = Instant::now();
     // As fast as the producer goes: every record handed over at once, waiting for delivery
@@ -1065,51 +1537,12 @@ async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
     // JSON value and posthorn's headers.
     let mut pending = std::collections::VecDeque::new();
     for seq in 0..args.rows {
-        let key = format!("key-{}", seq % args.keys);
-        let value = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
-        let event_id = uuid::Uuid::new_v4().to_string();
-        let outbox_id = seq.to_string();
-        let headers = OwnedHeaders::new_with_capacity(RESERVED_HEADERS.len())
-            .insert(Header {
-                key: header::EVENT_ID,
-                value: Some(&event_id),
-            })
-            .insert(Header {
-                key: header::EVENT_TYPE,
-                value: Some("BenchEvent"),
-            })
-            .insert(Header {
-                key: header::AGGREGATE_TYPE,
-                value: Some("bench"),
-            })
-            .insert(Header {
-                key: header::OUTBOX_ID,
-                value: Some(&outbox_id),
-            })
-            .insert(Header {
-                key: header::CONTENT_TYPE,
-                value: Some("application/json"),
-            });
-        let mut record = FutureRecord::to(&topic)
-            .key(&key)
-            .payload(&value)
-            .headers(headers);
-        loop {
-            match producer.send_result(record) {
-                Ok(f) => {
-                    pending.push_back(f);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    if let Some(f) = pending.pop_front() {
-                        f.await?
-                            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
-                    }
-                }
-                Err((e, _)) => anyhow::bail!("produce: {e}"),
-            }
-        }
+        let r = bench_record(seq, args.keys, &pad);
+        let record = FutureRecord::to(&topic)
+            .key(&r.key)
+            .payload(&r.value)
+            .headers(r.headers);
+        send_waiting(&producer, record, &mut pending).await?;
     }
     for f in pending {
         f.await?
@@ -1117,6 +1550,82 @@ async fn kafka_limit(args: &Args) -> anyhow::Result<f64> {
     }
     let rate = args.rows as f64 / started.elapsed().as_secs_f64();
     let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
+    Ok(rate)
+}
+
+/// A bare transactional producer (exactly-once's settings and a `transactional.id`) doing to
+/// Kafka what an exactly-once relay does, with no Postgres: for every `batch` records, a
+/// transaction holding them and one checkpoint record (keyed by an outbox identity, in a
+/// compacted one-partition topic), every delivery report awaited, then committed before the
+/// next transaction begins (a producer has one open at a time). The same records as
+/// [`kafka_limit`]'s.
+async fn kafka_transactions_limit(args: &Args, batch: usize) -> anyhow::Result<f64> {
+    anyhow::ensure!(batch > 0, "--batch-size 0");
+    let id = format!("{:08x}", rand::rng().random::<u32>());
+    let topic = format!("posthorn-bench-kafkatxlimit-{id}");
+    let checkpoints = checkpoint_topic(&topic);
+    let admin = create_topic(&args.brokers, &topic).await?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(&checkpoints, 1, TopicReplication::Fixed(1))
+                .set("cleanup.policy", "compact")],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    let mut config = producer_config(args, TRANSACTIONAL);
+    config.set(
+        "transactional.id",
+        format!("posthorn-bench-kafkatxlimit-{id}"),
+    );
+    let producer: FutureProducer = config.create()?;
+    let timeout = Duration::from_secs(60);
+    // librdkafka's transactional calls block: off the runtime's scheduling.
+    tokio::task::block_in_place(|| producer.init_transactions(timeout))?;
+    let identity = uuid::Uuid::new_v4();
+    let pad = "x".repeat(PAD);
+    let started = Instant::now();
+    let (mut first, mut transaction) = (0u64, 0u64);
+    while first < args.rows {
+        let end = (first + batch as u64).min(args.rows);
+        producer.begin_transaction()?;
+        let mut pending = std::collections::VecDeque::new();
+        for seq in first..end {
+            let r = bench_record(seq, args.keys, &pad);
+            let record = FutureRecord::to(&topic)
+                .key(&r.key)
+                .payload(&r.value)
+                .headers(r.headers);
+            send_waiting(&producer, record, &mut pending).await?;
+        }
+        transaction += 1;
+        // As big as the relay's (posthorn::checkpoint_record's JSON, one id range).
+        let key = identity.to_string();
+        let value = format!(
+            "{{\"version\":1,\"outbox\":\"{identity}\",\"table\":\"public.outbox\",\"epoch\":1,\
+             \"transaction\":{transaction},\"published\":[[{first},{}]]}}",
+            end - 1
+        );
+        let record = FutureRecord::to(&checkpoints).key(&key).payload(&value);
+        send_waiting(&producer, record, &mut pending).await?;
+        // Every delivery report before the commit, as the relay has them (it judges each
+        // record's): rust-rdkafka's commit_transaction flushes first, and its flush, while
+        // records are in flight and another thread serves the producer's events, waits in
+        // polls of 100 ms: a commit with records in flight takes at least 100 ms.
+        for f in pending {
+            f.await?
+                .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        }
+        tokio::task::block_in_place(|| producer.commit_transaction(timeout))?;
+        first = end;
+    }
+    let rate = args.rows as f64 / started.elapsed().as_secs_f64();
+    drop(producer);
+    let _ = admin
+        .delete_topics(&[&topic, &checkpoints], &AdminOptions::new())
+        .await;
     Ok(rate)
 }
 
@@ -1133,13 +1642,16 @@ struct Steady {
     max: f64,
     /// Whether the outbox had statistics (an ANALYZE or autovacuum's) by the end of the run.
     analyzed: bool,
+    /// Rows the relay published in the run (the warm-up row and every writer's, the window's
+    /// and the warm-up's), and its Kafka transactions.
+    rows_sent: u64,
+    transactions: Transactions,
 }
 
-async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<Steady> {
+async fn steady(args: &Args, rate: u64, mode: Mode) -> anyhow::Result<Steady> {
+    let tracking = mode.tracking;
     let setup = Setup::new(args, "steady").await?;
-    let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
-        .arg("run")
-        .spawn()?;
+    let relay = Relay::start(&setup, args, mode)?;
     // Warm up: wait until a warm-up row (no `seq`, so the consumer skips it) is delivered, so
     // the relay is up; then the writers run `--warm-up-secs` at the rate before the window
     // starts. Rows written in the relay's first ~0.1-0.3 s waited 50-200 ms while its pools and
@@ -1187,6 +1699,9 @@ async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<St
                 .set("bootstrap.servers", &brokers)
                 .set("group.id", "posthorn-bench")
                 .set("enable.auto.commit", "false")
+                // Exactly-once's records only once committed; in at-least-once the same as
+                // read_uncommitted (no transactions). librdkafka's default, set explicitly.
+                .set("isolation.level", "read_committed")
                 .set("fetch.wait.max.ms", "5")
                 .create()?;
             assign_from_beginning(&c, &topic)?;
@@ -1292,8 +1807,10 @@ async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<St
         .filter(|&(seq, _)| seq as u64 >= measured_from)
         .map(|(_, latency)| latency)
         .collect();
-    stop(child);
+    let transactions = relay.finish().await;
     setup.drop().await?;
+    transactions.check(mode)?;
+    let rows_sent = 1 + next_seq.load(Ordering::Relaxed).min(commit_ns.len() as u64);
     latencies.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| {
         latencies
@@ -1303,6 +1820,8 @@ async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<St
     };
     Ok(Steady {
         analyzed,
+        rows_sent,
+        transactions,
         db,
         write_rate: n_written as f64 / write_secs,
         throughput: n_written as f64 / delivered_secs,
@@ -1313,16 +1832,14 @@ async fn steady(args: &Args, rate: u64, tracking: Tracking) -> anyhow::Result<St
     })
 }
 
-async fn idle_cpu(args: &Args, tracking: Tracking) -> anyhow::Result<f64> {
+async fn idle_cpu(args: &Args, mode: Mode) -> anyhow::Result<f64> {
     let setup = Setup::new(args, "idle").await?;
-    let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
-        .arg("run")
-        .spawn()?;
+    let relay = Relay::start(&setup, args, mode)?;
     tokio::time::sleep(Duration::from_secs(2)).await; // start-up is not idle
-    let (before, _) = cpu_and_rss(child.id());
+    let (before, _) = cpu_and_rss(relay.id());
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-    let (after, _) = cpu_and_rss(child.id());
-    stop(child);
+    let (after, _) = cpu_and_rss(relay.id());
+    relay.stop();
     setup.drop().await?;
     Ok((after - before) / args.idle_secs as f64 * 100.0)
 }
@@ -1537,12 +2054,8 @@ async fn wal_steady(args: &Args, tracking: Option<Tracking>) -> anyhow::Result<W
     let setup = Setup::new(args, "wal").await?;
     setup.disable_autovacuum().await?;
     let inspect = WalInspect::new(&setup.pool).await;
-    let child = match tracking {
-        Some(tracking) => Some(
-            posthorn_cmd(&setup.url, args, &setup.topic, tracking)
-                .arg("run")
-                .spawn()?,
-        ),
+    let relay = match tracking {
+        Some(tracking) => Some(Relay::start(&setup, args, Mode::at_least_once(tracking))?),
         None => None,
     };
     // A warm-up row with and without the relay (the relay's start is not steady state).
@@ -1572,8 +2085,8 @@ async fn wal_steady(args: &Args, tracking: Option<Tracking>) -> anyhow::Result<W
     }
     let to = lsn(&setup.pool).await?;
     let secs = started.elapsed().as_secs_f64();
-    if let Some(child) = child {
-        stop(child);
+    if let Some(relay) = relay {
+        relay.stop();
     }
     let wal = WalBytes::measure(&setup.pool, inspect.as_ref(), &from, &to).await?;
     let tuples = tuples(&setup.pool, args.rows + 1).await?;
@@ -1610,15 +2123,13 @@ async fn wal_after_checkpoint(args: &Args, tracking: Tracking) -> anyhow::Result
     sqlx::raw_sql("CHECKPOINT").execute(&setup.pool).await?;
     let c = lsn(&setup.pool).await?;
     let started = Instant::now();
-    let child = posthorn_cmd(&setup.url, args, &setup.topic, tracking)
-        .arg("run")
-        .spawn()?;
+    let relay = Relay::start(&setup, args, Mode::at_least_once(tracking))?;
     setup
         .wait_published(tracking, Duration::from_millis(50))
         .await?;
     let d = lsn(&setup.pool).await?;
     let secs = started.elapsed().as_secs_f64();
-    stop(child);
+    relay.stop();
     let relay = WalBytes::measure(&setup.pool, inspect.as_ref(), &c, &d).await?;
     let tuples = tuples(&setup.pool, args.rows).await?;
     setup.drop().await?;
@@ -1675,7 +2186,7 @@ async fn wal_scenario(args: &Args, table: &mut Vec<(String, String)>) -> anyhow:
             base.vacuum.bytes / n,
             1,
         );
-        for mode in args.modes(run) {
+        for mode in args.tracking_modes(run) {
             let m = mode.as_str();
             let r = wal_steady(args, Some(mode)).await?;
             let added = (r.wal.bytes - base.wal.bytes) / n;
@@ -1731,7 +2242,7 @@ async fn wal_scenario(args: &Args, table: &mut Vec<(String, String)>) -> anyhow:
                 1,
             );
         }
-        for mode in args.modes(run) {
+        for mode in args.tracking_modes(run) {
             let m = mode.as_str();
             let r = wal_after_checkpoint(args, mode).await?;
             let ratio = 100.0 * r.relay.bytes / r.insert.bytes;
