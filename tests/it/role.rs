@@ -141,15 +141,17 @@ async fn insert_rows(db: &PgPool, aggregate_type: &str, n_rows: i32) {
 /// service (here the admin) commits: delivered in Postgres (marked, or covered by the
 /// checkpoint), consumed from Kafka; SIGTERM stops it with status 0.
 async fn relay_delivers_rows(admin_db: &PgPool, relay_url: &str, tracking: &str) {
+    relay_delivers_rows_with(admin_db, relay_url, &[("POSTHORN_TRACKING", tracking)]).await
+}
+
+/// [`relay_delivers_rows`] with the relay's variables given.
+async fn relay_delivers_rows_with(admin_db: &PgPool, relay_url: &str, vars: &[(&str, &str)]) {
     let topic = unique("it-role");
     create_topic(&topic, 1).await;
     let before = n_delivered(admin_db).await;
     insert_rows(admin_db, &topic, 5).await;
     let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.log"));
-    let mut relay = RelayProcess::spawn(
-        &env_vars(relay_url, &[("POSTHORN_TRACKING", tracking)]),
-        &log,
-    );
+    let mut relay = RelayProcess::spawn(&env_vars(relay_url, vars), &log);
     wait_until(Duration::from_secs(30), "5 rows are delivered", || async {
         n_delivered(admin_db).await == before + 5
     })
@@ -194,6 +196,18 @@ async fn the_relay_role_relays_rows_but_cannot_change_the_schema() {
     relay_delivers_rows(&admin_db, &relay_url, "rows").await;
     // Checkpoint tracking as the relay role: it creates and moves the checkpoint row.
     relay_delivers_rows(&admin_db, &relay_url, "checkpoint").await;
+    // Exactly once as the relay role: it reads the outbox's identity.
+    let checkpoint_topic = unique("it-role-checkpoint");
+    relay_delivers_rows_with(
+        &admin_db,
+        &relay_url,
+        &[
+            ("POSTHORN_TRACKING", "checkpoint"),
+            ("POSTHORN_DELIVERY", "exactly-once"),
+            ("POSTHORN_CHECKPOINT_TOPIC", &checkpoint_topic),
+        ],
+    )
+    .await;
 
     let relay_db = connect(&relay_url).await;
     // Retention may delete delivered rows.
@@ -211,6 +225,7 @@ async fn the_relay_role_relays_rows_but_cannot_change_the_schema() {
         "CREATE INDEX relay_scratch_idx ON outbox (created_at)",
         "CREATE SCHEMA relay_scratch",
         "SELECT * FROM posthorn_outbox_migrations",
+        "UPDATE outbox_identity SET id = gen_random_uuid()",
     ] {
         assert_refused(&relay_db, sql).await;
     }
