@@ -956,17 +956,12 @@ async fn sigkill_between_publishing_and_the_checkpoint_update_loses_nothing() {
     let mut report = Vec::new();
     let mut rng = rand::rng();
     for kill in 0..N_KILLS {
-        // This round's writers are running: at least 100 of their rows are yet to come.
-        let progress = n_delivered(&db.pool).await + 100;
-        wait_until(
-            Duration::from_secs(120),
-            "the relay makes progress",
-            || async { n_delivered(&db.pool).await >= progress },
-        )
-        .await;
         if kill % 2 == 0 {
-            // Hold the checkpoint row: the relay publishes, Kafka acknowledges, and its UPDATE
-            // of the checkpoint waits. The kill lands exactly between the two.
+            // Hold the checkpoint row at once, while this round's writers have just started
+            // (waiting for progress first could let the relay drain their rows before the
+            // hold, leaving nothing to publish past it): the relay publishes, Kafka
+            // acknowledges, and its UPDATE of the checkpoint waits. The kill lands exactly
+            // between the two.
             let mut hold = db.pool.begin().await.expect("begin");
             sqlx::query("SELECT 1 FROM outbox_checkpoint FOR NO KEY UPDATE")
                 .execute(&mut *hold)
@@ -1004,6 +999,14 @@ async fn sigkill_between_publishing_and_the_checkpoint_update_loses_nothing() {
             ));
             ahead_at_kills.extend(ahead);
         } else {
+            // This round's writers are running: at least 100 of their rows are yet to come.
+            let progress = n_delivered(&db.pool).await + 100;
+            wait_until(
+                Duration::from_secs(120),
+                "the relay makes progress",
+                || async { n_delivered(&db.pool).await >= progress },
+            )
+            .await;
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
             relay.signal("KILL");
             relay.wait(Duration::from_secs(30)).await;
