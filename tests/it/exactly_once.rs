@@ -5,11 +5,10 @@
 //! leader's producer and its transaction never reaches a read_committed consumer. A
 //! read_uncommitted consumer of the same topic is counted beside it, for comparison.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::support::{
-    check_key_order, create_aggregates, create_topic, delivered, read_topic_isolated,
+    assert_complete_and_ordered, create_aggregates, create_topic, delivered, read_topic_isolated,
     relay_log_path, run_posthorn, services, spawn_writers, unique, wait_until, Isolation, Record,
     RelayProcess, RunningRelay, TestDb, Tracking,
 };
@@ -24,35 +23,6 @@ fn exactly_once_vars(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(String, String
     ];
     vars.extend_from_slice(extra);
     Tracking::Checkpoint.env_vars(&db.url, &vars)
-}
-
-/// Each key's versions in consumption order.
-fn versions(records: &[Record]) -> BTreeMap<String, Vec<i64>> {
-    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for r in records {
-        per_key
-            .entry(r.key.clone().expect("key"))
-            .or_default()
-            .push(r.value_json()["version"].as_i64().expect("version"));
-    }
-    per_key
-}
-
-/// Repeats in `records`, after checking that every key's versions 1..=n arrived, in order.
-fn repeats_with_every_version_in_order(
-    records: &[Record],
-    n_keys: usize,
-    n_per_key: usize,
-) -> usize {
-    let per_key = versions(records);
-    assert_eq!(per_key.len(), n_keys, "every key arrived");
-    let mut repeats = 0;
-    for (key, versions) in &per_key {
-        repeats += check_key_order(versions).unwrap_or_else(|e| panic!("key {key}: {e}"));
-        let max = versions.iter().copied().max().unwrap_or(0);
-        assert_eq!(max as usize, n_per_key, "key {key}: every version arrived");
-    }
-    repeats
 }
 
 async fn read_both(topic: &str, at_least: usize) -> (Vec<Record>, Vec<Record>) {
@@ -105,7 +75,7 @@ async fn a_read_committed_consumer_sees_every_row_once_in_order_while_writers_ru
     );
 
     let (committed, everything) = read_both(&topic, N_EVENTS).await;
-    let repeats = repeats_with_every_version_in_order(&committed, N_KEYS, N_EVENTS / N_KEYS);
+    let repeats = assert_complete_and_ordered(&committed, N_KEYS, N_EVENTS / N_KEYS);
     assert_eq!(repeats, 0, "no duplicates for a read_committed consumer");
     assert_eq!(committed.len(), N_EVENTS);
     // Nothing was aborted here, so a read_uncommitted consumer sees the same.
@@ -164,11 +134,10 @@ async fn a_crash_between_the_kafka_commit_and_the_postgres_record_publishes_no_r
         .unwrap_or_else(|| panic!("the restarted relay recorded the crashed commit:\n{log}"));
 
     let (committed, everything) = read_both(&topic, N_EVENTS).await;
-    let repeats = repeats_with_every_version_in_order(&committed, N_KEYS, N_EVENTS / N_KEYS);
+    let repeats = assert_complete_and_ordered(&committed, N_KEYS, N_EVENTS / N_KEYS);
     assert_eq!(repeats, 0, "read_committed: no row twice");
     assert_eq!(committed.len(), N_EVENTS);
-    let uncommitted_repeats =
-        repeats_with_every_version_in_order(&everything, N_KEYS, N_EVENTS / N_KEYS);
+    let uncommitted_repeats = assert_complete_and_ordered(&everything, N_KEYS, N_EVENTS / N_KEYS);
     println!(
         "crash after commit 3: {recorded_at_crash} rows recorded at the crash; restart: \
          {recovered}; read_committed {} records, 0 duplicates; read_uncommitted {} records, \
@@ -255,14 +224,13 @@ async fn a_leader_frozen_past_its_lease_before_its_commit_is_fenced_and_its_batc
     );
 
     let (committed, everything) = read_both(&topic, N_EVENTS).await;
-    let repeats = repeats_with_every_version_in_order(&committed, N_KEYS, N_EVENTS / N_KEYS);
+    let repeats = assert_complete_and_ordered(&committed, N_KEYS, N_EVENTS / N_KEYS);
     assert_eq!(
         repeats, 0,
         "read_committed: no row twice, none out of order"
     );
     assert_eq!(committed.len(), N_EVENTS);
-    let uncommitted_repeats =
-        repeats_with_every_version_in_order(&everything, N_KEYS, N_EVENTS / N_KEYS);
+    let uncommitted_repeats = assert_complete_and_ordered(&everything, N_KEYS, N_EVENTS / N_KEYS);
     assert!(
         everything.len() > committed.len(),
         "the frozen leader's batch was written (and aborted): read_uncommitted sees it"
